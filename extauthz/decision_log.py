@@ -1,0 +1,59 @@
+"""One JSON line per decision. Built field by field from the Decision so that no token, key or
+header value can reach it: there is no code path from a token string to this line."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import IO, Any
+
+from .core import Decision
+
+
+def record(decision: Decision, latency_s: float, request_id: str, now: float) -> dict[str, Any]:
+    rule, subject, claims, request = (
+        decision.rule,
+        decision.subject,
+        decision.claims,
+        decision.request,
+    )
+    if not decision.allowed:
+        verdict = "deny"
+    elif decision.shadow:
+        verdict = "shadow"
+    else:
+        verdict = "allow"
+    line: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        + f".{int(now % 1 * 1000):03d}Z",
+        "decision": verdict,
+        "reason": decision.reason.code,
+        "rule": rule.id if rule else None,
+        "purpose": rule.purpose if rule else None,
+        "caller": decision.caller,
+        "sub": subject.sub if subject else None,
+        "iss": subject.iss if subject else None,
+        "aud": claims.get("aud") if claims else None,
+        "scopes": claims.get("scope") if claims else None,
+        "jti": claims.get("jti") if claims else None,
+        "txn": claims.get("txn") if claims else None,
+        "method": request.method if request else None,
+        "host": request.host if request else None,
+        "path": request.path if request else None,
+        "request_id": request_id or None,
+        "detail": decision.detail or None,
+        "latency_ms": round(latency_s * 1000, 3),
+    }
+    return line
+
+
+class DecisionLog:
+    def __init__(self, stream: IO[str] | None) -> None:
+        self._stream = stream
+
+    def write(self, decision: Decision, latency_s: float, request_id: str, now: float) -> None:
+        if self._stream is None:
+            return
+        line = record(decision, latency_s, request_id, now)
+        self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._stream.flush()

@@ -1,0 +1,121 @@
+"""The protobuf boundary: Envoy's CheckRequest in, our CheckResponse out.
+
+Only this module (and the server that calls it) knows Envoy's wire types. It never decides
+anything: it translates, and turns every failure into a deny that Envoy will enforce.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import unquote
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
+from google.rpc import code_pb2, status_pb2
+
+from .core import CheckInput, Decision
+from .reasons import Reason
+
+_APPEND_FALSE = wrappers_pb2.BoolValue(value=False)
+
+
+def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
+    attrs = request.attributes
+    http = attrs.request.http
+    headers: dict[str, str] = dict(http.headers)
+    if not headers and len(http.header_map.headers):
+        # encode_raw_headers: repeated headers arrive separately; join them like Envoy does,
+        # so "two Authorization headers" looks the same either way (and is refused).
+        for hv in http.header_map.headers:
+            value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
+            key = hv.key.lower()
+            headers[key] = f"{headers[key]},{value}" if key in headers else value
+    cert = attrs.source.certificate
+    return CheckInput(
+        method=http.method,
+        host=http.host,
+        path=http.path,
+        headers=headers,
+        principal=attrs.source.principal,
+        peer_certificate=unquote(cert) if cert else "",
+        request_id=http.id,
+    )
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    # Envoy ignores append_action on OkHttpResponse.headers; only append=false overwrites.
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append=_APPEND_FALSE
+    )
+
+
+def _metadata(decision: Decision) -> struct_pb2.Struct:
+    meta = struct_pb2.Struct()
+    fields: dict[str, str] = {"reason": decision.reason.code}
+    if decision.rule is not None:
+        fields["rule"] = decision.rule.id
+    if decision.claims is not None:
+        fields["jti"] = str(decision.claims.get("jti", ""))
+        if "txn" in decision.claims:
+            fields["txn"] = str(decision.claims["txn"])
+    if decision.shadow:
+        fields["shadow"] = "true"
+    meta.update(fields)
+    return meta
+
+
+def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+    if decision.allowed and decision.shadow:
+        # Shadow mode: the decision is logged, the request goes upstream as it came.
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(),
+            dynamic_metadata=_metadata(decision),
+        )
+    if decision.allowed and decision.token:
+        ok = external_auth_pb2.OkHttpResponse(
+            headers=[_header(decision.header, _header_value(decision))],
+            headers_to_remove=list(decision.strip_headers),
+        )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=ok,
+            dynamic_metadata=_metadata(decision),
+        )
+    if decision.allowed:
+        # An allow without a token is a bug; never forward the broad credential because of it.
+        decision = Decision(Reason.INTERNAL_ERROR, "allowed without a minted token")
+    return deny_response(decision.reason, _metadata(decision))
+
+
+def _header_value(decision: Decision) -> str:
+    assert decision.token is not None
+    if decision.header == "authorization":
+        return "Bearer " + decision.token
+    return decision.token
+
+
+def deny_response(
+    reason: Reason, metadata: struct_pb2.Struct | None = None
+) -> external_auth_pb2.CheckResponse:
+    headers = [_header("content-type", "application/json"), _header("cache-control", "no-store")]
+    if reason.challenge.value:
+        headers.append(_header("www-authenticate", reason.challenge.value))
+    if reason.http_status == 401:
+        grpc_code = code_pb2.UNAUTHENTICATED
+    elif reason.http_status >= 500:
+        grpc_code = code_pb2.UNAVAILABLE
+    else:
+        grpc_code = code_pb2.PERMISSION_DENIED
+    denied = external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=reason.http_status),  # type: ignore[arg-type]
+        headers=headers,
+        body=json.dumps({"error": reason.code}),
+    )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=grpc_code),
+        denied_response=denied,
+        dynamic_metadata=metadata if metadata is not None else struct_pb2.Struct(),
+    )

@@ -1,0 +1,334 @@
+"""The only module that touches JOSE and crypto libraries.
+
+Parsing is ours and strict (duplicate JSON keys, bad base64, non-UTF-8 all fail); signature
+arithmetic is PyJWT's algorithm objects over ``cryptography`` keys. Nothing here reads the
+clock or decides policy: ``core`` does that with what these functions return.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
+from jwt.exceptions import InvalidKeyError
+
+from .errors import KeyLoadError
+
+# Asymmetric algorithms only. HMAC is absent on purpose: with it a public key becomes a secret.
+_ALGORITHMS: dict[str, Any] = {
+    "RS256": RSAAlgorithm(RSAAlgorithm.SHA256),
+    "RS384": RSAAlgorithm(RSAAlgorithm.SHA384),
+    "RS512": RSAAlgorithm(RSAAlgorithm.SHA512),
+    "PS256": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA256),
+    "PS384": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA384),
+    "PS512": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA512),
+    "ES256": ECAlgorithm(ECAlgorithm.SHA256),
+    "ES384": ECAlgorithm(ECAlgorithm.SHA384),
+    "ES512": ECAlgorithm(ECAlgorithm.SHA512),
+    "EdDSA": OKPAlgorithm(),
+}
+SUPPORTED_ALGORITHMS = frozenset(_ALGORITHMS)
+SIGNING_ALGORITHMS = frozenset({"ES256", "EdDSA"})
+_EC_CURVE_FOR = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
+_EC_CURVE_NAME = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+_MIN_RSA_BITS = 2048
+MAX_JWKS_BYTES = 256 * 1024
+MAX_KID = 256
+
+
+class TokenFormatError(ValueError):
+    """The compact serialisation is not one we accept. The message is safe to log."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompactJWS:
+    header: Mapping[str, Any]
+    claims: Mapping[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def _b64decode(part: str) -> bytes:
+    if len(part) % 4 == 1 or not part.isascii():
+        raise TokenFormatError("bad base64url")
+    try:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise TokenFormatError("bad base64url") from exc
+
+
+def b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise TokenFormatError("duplicate JSON member")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise TokenFormatError("non-standard JSON number")
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise TokenFormatError("not UTF-8") from exc
+    except RecursionError as exc:
+        raise TokenFormatError("JSON nested too deep") from exc
+    except json.JSONDecodeError as exc:
+        raise TokenFormatError("not JSON") from exc
+    if not isinstance(value, dict):
+        raise TokenFormatError("not a JSON object")
+    return value
+
+
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def parse_compact(token: str) -> CompactJWS:
+    """Split and decode a JWS compact serialisation without verifying it."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenFormatError("not three dot-separated parts")
+    if not all(parts) or not all(_B64URL.issuperset(p) for p in parts):
+        raise TokenFormatError("bad base64url")
+    header = _json_object(_b64decode(parts[0]))
+    claims = _json_object(_b64decode(parts[1]))
+    signature = _b64decode(parts[2])
+    signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
+    return CompactJWS(header, claims, signing_input, signature)
+
+
+# --- verification keys -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    """One public key of a trusted issuer, with the algorithms its type permits."""
+
+    kid: str | None
+    algorithms: frozenset[str]
+    key: Any = field(repr=False)
+
+
+def _algorithms_for_public_key(key: Any) -> frozenset[str]:
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < _MIN_RSA_BITS:
+            return frozenset()
+        return frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        crv = _EC_CURVE_NAME.get(key.curve.name)
+        return frozenset(a for a, c in _EC_CURVE_FOR.items() if c == crv)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return frozenset({"EdDSA"})
+    return frozenset()
+
+
+def _public_key_from_jwk(jwk: Mapping[str, Any]) -> Any:
+    kty = jwk.get("kty")
+    if "d" in jwk or "p" in jwk:
+        raise KeyLoadError("a JWKS must hold public keys only")
+    raw = json.dumps(jwk)
+    try:
+        if kty == "RSA":
+            return RSAAlgorithm.from_jwk(raw)
+        if kty == "EC":
+            return ECAlgorithm.from_jwk(raw)
+        if kty == "OKP" and jwk.get("crv") == "Ed25519":
+            return OKPAlgorithm.from_jwk(raw)
+    except (InvalidKeyError, ValueError, TypeError, KeyError) as exc:
+        raise KeyLoadError(f"key {jwk.get('kid')!r}: not a valid {kty} JWK") from exc
+    raise KeyLoadError(f"key {jwk.get('kid')!r}: unsupported key type {kty!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerKeys:
+    """A trusted issuer's published keys, indexed by kid."""
+
+    by_kid: Mapping[str, VerifyKey]
+    without_kid: tuple[VerifyKey, ...]
+
+    def candidates(self, kid: str | None, alg: str) -> list[VerifyKey]:
+        if kid is not None:
+            found = self.by_kid.get(kid)
+            return [found] if found is not None and alg in found.algorithms else []
+        keys = list(self.by_kid.values()) + list(self.without_kid)
+        return [k for k in keys if alg in k.algorithms]
+
+    def __len__(self) -> int:
+        return len(self.by_kid) + len(self.without_kid)
+
+
+def parse_jwks(data: bytes) -> IssuerKeys:
+    """Load a JWKS document. Keys for encryption, or unusable ones, are skipped; none usable
+    at all is an error."""
+    if len(data) > MAX_JWKS_BYTES:
+        raise KeyLoadError(f"JWKS larger than {MAX_JWKS_BYTES} bytes")
+    try:
+        doc = _json_object(data)
+    except TokenFormatError as exc:
+        raise KeyLoadError(f"JWKS is not valid JSON: {exc}") from exc
+    keys = doc.get("keys")
+    if not isinstance(keys, list):
+        raise KeyLoadError("JWKS has no 'keys' list")
+    by_kid: dict[str, VerifyKey] = {}
+    without: list[VerifyKey] = []
+    for jwk in keys:
+        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+            continue
+        kid = jwk.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID):
+            raise KeyLoadError("JWKS key with an invalid kid")
+        public = _public_key_from_jwk(jwk)
+        algorithms = _algorithms_for_public_key(public)
+        declared = jwk.get("alg")
+        if declared is not None:
+            algorithms = algorithms & {declared}
+        if not algorithms:
+            continue
+        vk = VerifyKey(kid, algorithms, public)
+        if kid is None:
+            without.append(vk)
+        elif kid in by_kid:
+            raise KeyLoadError(f"JWKS has kid {kid!r} twice")
+        else:
+            by_kid[kid] = vk
+    if not by_kid and not without:
+        raise KeyLoadError("JWKS has no usable signature key")
+    return IssuerKeys(by_kid, tuple(without))
+
+
+def load_jwks_file(path: Path) -> IssuerKeys:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_JWKS_BYTES + 1)
+    except OSError as exc:
+        raise KeyLoadError(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        return parse_jwks(data)
+    except KeyLoadError as exc:
+        raise KeyLoadError(f"{path}: {exc}") from exc
+
+
+def verify_signature(token: CompactJWS, key: VerifyKey, alg: str) -> bool:
+    if alg not in key.algorithms:
+        return False
+    try:
+        return bool(_ALGORITHMS[alg].verify(token.signing_input, key.key, token.signature))
+    except (ValueError, TypeError):
+        return False
+
+
+# --- signing keys ----------------------------------------------------------------------------
+
+
+def thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256), base64url: the kid we give our keys."""
+    required = {
+        "EC": ("crv", "kty", "x", "y"),
+        "OKP": ("crv", "kty", "x"),
+        "RSA": ("e", "kty", "n"),
+    }
+    members = {name: jwk[name] for name in required[jwk["kty"]]}
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return b64encode(hashlib.sha256(canonical).digest())
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A private key of the exchange. ``kid`` is the RFC 7638 thumbprint of its public JWK, so
+    it is the same on every restart and every replica holding the same key."""
+
+    kid: str
+    alg: str
+    public_jwk: Mapping[str, Any]
+    private_key: Any = field(repr=False)
+
+    def public(self) -> VerifyKey:
+        return VerifyKey(self.kid, frozenset({self.alg}), self.private_key.public_key())
+
+    def sign(self, claims: Mapping[str, Any], typ: str) -> str:
+        header = {"alg": self.alg, "kid": self.kid, "typ": typ}
+        head = b64encode(json.dumps(header, separators=(",", ":")).encode())
+        body = b64encode(json.dumps(claims, separators=(",", ":")).encode())
+        signing_input = f"{head}.{body}".encode("ascii")
+        signature = _ALGORITHMS[self.alg].sign(signing_input, self.private_key)
+        return f"{head}.{body}.{b64encode(signature)}"
+
+
+def _signing_key_from_private(private: Any) -> SigningKey:
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        if private.curve.name != "secp256r1":
+            raise KeyLoadError("EC signing keys must be P-256 (ES256)")
+        alg = "ES256"
+        jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
+    elif isinstance(private, ed25519.Ed25519PrivateKey):
+        alg = "EdDSA"
+        jwk = json.loads(OKPAlgorithm.to_jwk(private.public_key()))
+    else:
+        raise KeyLoadError("signing keys must be EC P-256 (ES256) or Ed25519 (EdDSA)")
+    kid = thumbprint(jwk)
+    public_jwk = {**jwk, "kid": kid, "alg": alg, "use": "sig"}
+    return SigningKey(kid, alg, public_jwk, private)
+
+
+def generate_signing_key(alg: str = "ES256") -> SigningKey:
+    if alg == "ES256":
+        return _signing_key_from_private(ec.generate_private_key(ec.SECP256R1()))
+    if alg == "EdDSA":
+        return _signing_key_from_private(ed25519.Ed25519PrivateKey.generate())
+    raise ValueError(f"unsupported signing algorithm {alg!r}; use ES256 or EdDSA")
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyLoadError(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        # The library's message can quote key material; ours must not.
+        raise KeyLoadError(f"{path}: not an unencrypted PEM private key") from exc
+    except Exception as exc:  # noqa: BLE001 - any parser failure is the same to the operator
+        raise KeyLoadError(f"{path}: not a usable PEM private key") from exc
+    try:
+        return _signing_key_from_private(private)
+    except KeyLoadError as exc:
+        raise KeyLoadError(f"{path}: {exc}") from exc
+
+
+def private_key_pem(key: SigningKey) -> bytes:
+    return key.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def write_private_key(key: SigningKey, path: Path) -> None:
+    """Write a private key readable by its owner only, never briefly wider."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_key_pem(key))
+
+
+def jwks_document(keys: Iterable[SigningKey]) -> dict[str, Any]:
+    return {"keys": [dict(k.public_jwk) for k in keys]}

@@ -1,0 +1,45 @@
+"""Reading what a Snapshot is made of from disk: the policy, issuer JWKS files, our keys."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .core import Snapshot
+from .errors import KeyLoadError
+from .jose import IssuerKeys, SigningKey, load_jwks_file, load_signing_key
+from .policy import Policy, load_policy
+
+
+def load_issuer_keys(policy: Policy) -> dict[str, IssuerKeys]:
+    problems: list[str] = []
+    keys: dict[str, IssuerKeys] = {}
+    for issuer in policy.issuers.values():
+        try:
+            keys[issuer.id] = load_jwks_file(issuer.jwks_file)
+        except KeyLoadError as exc:
+            problems.append(f"trusted issuer {issuer.id}: {exc}")
+    if problems:
+        raise KeyLoadError("; ".join(problems))
+    return keys
+
+
+def own_keys(signing: Sequence[SigningKey]) -> IssuerKeys:
+    return IssuerKeys({k.kid: k.public() for k in signing}, ())
+
+
+def build_snapshot(policy: Policy, signing: Sequence[SigningKey]) -> Snapshot:
+    """The first key signs; all of them are published and accepted for re-exchange."""
+    if not signing:
+        raise KeyLoadError("no signing key")
+    return Snapshot(
+        policy=policy,
+        issuer_keys=load_issuer_keys(policy),
+        signing_keys=tuple(signing),
+        own_keys=own_keys(signing),
+    )
+
+
+def load_snapshot(policy_path: Path, key_paths: Sequence[Path]) -> Snapshot:
+    policy = load_policy(policy_path)
+    return build_snapshot(policy, [load_signing_key(p) for p in key_paths])
