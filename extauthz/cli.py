@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import ExtauthzError, PolicyError
@@ -65,6 +66,139 @@ def _keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_lint(args: argparse.Namespace) -> int:
+    from .lint import ERROR, WARNING, UnreadablePolicy, lint_file
+
+    findings = []
+    for name in args.files:
+        try:
+            findings.extend(lint_file(Path(name)))
+        except UnreadablePolicy as exc:
+            print(f"extauthz: cannot read {exc}", file=sys.stderr)
+            return 2
+    if args.format == "json":
+        counts = {
+            s: sum(1 for f in findings if f.severity == s) for s in ("error", "warning", "info")
+        }
+        print(
+            json.dumps({"findings": [f.to_json() for f in findings], "summary": counts}, indent=2)
+        )
+    else:
+        for finding in findings:
+            print(finding.render())
+        errors = sum(1 for f in findings if f.severity == ERROR)
+        warnings = sum(1 for f in findings if f.severity == WARNING)
+        print(f"{len(args.files)} file(s): {errors} error(s), {warnings} warning(s)")
+    failing = {ERROR, WARNING} if args.strict else {ERROR}
+    return 1 if any(f.severity in failing for f in findings) else 0
+
+
+def _policy_test(args: argparse.Namespace) -> int:
+    from .policy import load_policy
+    from .policytest import load_cases, render, run_cases
+
+    try:
+        policy = load_policy(Path(args.policy))
+        cases = [case for name in args.cases for case in load_cases(Path(name))]
+        report = run_cases(policy, cases)
+    except ExtauthzError as exc:
+        print(f"extauthz: {exc}", file=sys.stderr)
+        return 2
+    print(render(report))
+    if args.require_coverage and report.uncovered:
+        return 1
+    return 1 if report.failed else 0
+
+
+def _policy_diff(args: argparse.Namespace) -> int:
+    from .diff import WIDENS, diff_policies
+    from .policy import load_policy
+
+    try:
+        old, new = load_policy(Path(args.old)), load_policy(Path(args.new))
+    except ExtauthzError as exc:
+        print(f"extauthz: {exc}", file=sys.stderr)
+        return 2
+    changes = diff_policies(old, new)
+    widens = [c for c in changes if c.effect == WIDENS]
+    if args.format == "json":
+        doc = {"changes": [c.to_json() for c in changes], "widens": bool(widens)}
+        print(json.dumps(doc, indent=2))
+    else:
+        for change in changes:
+            print(change.render())
+        if not changes:
+            print("no change to what the policy grants")
+        elif widens:
+            print(f"{len(widens)} change(s) WIDEN what the policy grants")
+    return 3 if widens else 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import time
+
+    from .explain import explain, render
+
+    now = args.now if args.now is not None else time.time()
+    try:
+        inp, snap = _explain_input(args, now)
+    except (ExtauthzError, ValueError, OSError) as exc:
+        print(f"extauthz: {exc}", file=sys.stderr)
+        return 2
+    result = explain(inp, snap, now)
+    if args.format == "json":
+        print(json.dumps(result.to_json(), indent=2, default=str))
+    else:
+        print(render(result))
+    return 0
+
+
+def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
+    from .policy import load_policy
+
+    policy = load_policy(Path(args.policy))
+    if args.request:
+        from envoy.service.auth.v3 import external_auth_pb2
+        from google.protobuf import json_format
+
+        from .edge import check_input
+        from .jose import generate_signing_key, load_jwks_file, load_signing_key
+        from .loader import build_snapshot_from
+
+        message = json_format.Parse(
+            Path(args.request).read_text(),
+            external_auth_pb2.CheckRequest(),
+            ignore_unknown_fields=True,
+        )
+        issuer_keys = {}
+        for issuer in policy.issuers.values():
+            try:
+                issuer_keys[issuer.id] = load_jwks_file(issuer.jwks_file)
+            except ExtauthzError as exc:
+                print(f"extauthz: note: {exc}", file=sys.stderr)
+        keys = [load_signing_key(Path(p)) for p in args.signing_key or []]
+        snap = build_snapshot_from(policy, issuer_keys, keys or [generate_signing_key()])
+        return check_input(message), snap
+    if not (args.workload and args.host and args.path):
+        raise ValueError("give --request FILE, or --workload, --host and --path")
+    from .simulate import SimRequest, Simulator
+
+    claims = json.loads(args.claims) if args.claims else {}
+    if args.scope is not None:
+        claims["scope"] = args.scope
+    sim = Simulator(policy)
+    request = SimRequest(
+        workload=args.workload,
+        method=args.method,
+        host=args.host,
+        path=args.path,
+        issuer=args.issuer or (sorted(policy.issuers)[0] if not args.no_token else None),
+        claims=claims,
+        certificate=args.certificate,
+    )
+    return sim.check_input(request, now), sim.snapshot
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -107,6 +241,45 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--alg", choices=["ES256", "EdDSA"], default="ES256")
     gen.add_argument("--out", required=True, help="where to write the PEM private key (0600)")
     gen.set_defaults(func=_keys_generate)
+
+    policy = sub.add_parser("policy", help="lint, test and diff policies")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    lint = policy_sub.add_parser("lint", help="report what widens the blast radius of tokens")
+    lint.add_argument("files", nargs="+", metavar="FILE")
+    lint.add_argument("--strict", action="store_true", help="warnings fail too")
+    lint.add_argument("--format", choices=["text", "json"], default="text")
+    lint.set_defaults(func=_policy_lint)
+    ptest = policy_sub.add_parser("test", help="run reviewed cases against a policy")
+    ptest.add_argument("policy", metavar="POLICY")
+    ptest.add_argument("cases", nargs="+", metavar="CASES")
+    ptest.add_argument(
+        "--require-coverage", action="store_true", help="fail when a rule is reached by no case"
+    )
+    ptest.set_defaults(func=_policy_test)
+    pdiff = policy_sub.add_parser("diff", help="what a change does to grants; exit 3 if it widens")
+    pdiff.add_argument("old", metavar="OLD")
+    pdiff.add_argument("new", metavar="NEW")
+    pdiff.add_argument("--format", choices=["text", "json"], default="text")
+    pdiff.set_defaults(func=_policy_diff)
+
+    exp = sub.add_parser("explain", help="trace one decision phase by phase")
+    exp.add_argument("--policy", required=True)
+    exp.add_argument("--request", metavar="REQ.json", help="a CheckRequest in protobuf JSON")
+    exp.add_argument(
+        "--signing-key", action="append", metavar="FILE", help="to recognise re-exchanged tokens"
+    )
+    exp.add_argument("--workload", help="caller SPIFFE ID (simulated request)")
+    exp.add_argument("--method", default="GET")
+    exp.add_argument("--host")
+    exp.add_argument("--path")
+    exp.add_argument("--issuer", help="trusted issuer id that signs the simulated token")
+    exp.add_argument("--scope", help="the simulated token's scope claim")
+    exp.add_argument("--claims", help="more simulated token claims, as JSON")
+    exp.add_argument("--certificate", action="store_true", help="simulate a peer certificate")
+    exp.add_argument("--no-token", action="store_true", help="simulate a request without token")
+    exp.add_argument("--now", type=float, help="decide at this Unix time")
+    exp.add_argument("--format", choices=["text", "json"], default="text")
+    exp.set_defaults(func=_explain)
 
     demo = sub.add_parser("demo", help="run a narrated exchange through a real Envoy")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead")

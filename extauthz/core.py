@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import paths
@@ -89,24 +89,37 @@ class Decision:
     token: str | None = field(default=None, repr=False)
     header: str = "authorization"
     strip_headers: tuple[str, ...] = ()
+    shadow: bool = False  # computed and logged, not enforced: the request passes untouched
 
     @property
     def allowed(self) -> bool:
         return self.reason is Reason.ALLOWED
-
-    @property
-    def shadow(self) -> bool:
-        return self.rule is not None and self.rule.shadow
 
 
 @dataclass(frozen=True, slots=True)
 class _Deny:
     reason: Reason
     detail: str = ""
+    rule: Rule | None = None  # the rule that was found, when the deny came after finding it
 
 
 def decide(inp: CheckInput, snap: Snapshot, now: float, new_id: Callable[[], str]) -> Decision:
-    """Decide one request. The phase order is the security argument: read it top to bottom."""
+    """Decide one request and, when it is allowed and enforced, sign the narrowed token."""
+    decision = evaluate(inp, snap, now, new_id)
+    in_shadow = snap.policy.shadow or (decision.rule is not None and decision.rule.shadow)
+    if in_shadow:
+        # Shadow mode: the verdict and the would-be claims are logged; nothing is signed or
+        # injected, and the edge lets the request through as it came.
+        return replace(decision, shadow=True)
+    if decision.allowed and decision.claims is not None:
+        return replace(
+            decision, token=snap.signing_key.sign(decision.claims, snap.policy.exchange.typ)
+        )
+    return decision
+
+
+def evaluate(inp: CheckInput, snap: Snapshot, now: float, new_id: Callable[[], str]) -> Decision:
+    """The phases in order; the order is the security argument, read it top to bottom."""
     policy = snap.policy
 
     subject = authenticate(inp.headers, snap, now)
@@ -125,7 +138,9 @@ def decide(inp: CheckInput, snap: Snapshot, now: float, new_id: Callable[[], str
 
     rule = authorize(subject, caller, request, policy)
     if isinstance(rule, _Deny):
-        return Decision(rule.reason, rule.detail, caller=caller, subject=subject, request=request)
+        return Decision(
+            rule.reason, rule.detail, rule.rule, caller=caller, subject=subject, request=request
+        )
 
     thumb = certificate_thumbprint(inp.peer_certificate) if inp.peer_certificate else None
     claims = narrow(subject, rule, caller, request, thumb, policy, int(now), new_id)
@@ -134,9 +149,6 @@ def decide(inp: CheckInput, snap: Snapshot, now: float, new_id: Callable[[], str
             claims.reason, claims.detail, rule=rule, caller=caller, subject=subject, request=request
         )
 
-    ex = policy.exchange
-    # In shadow mode nothing is forwarded, so nothing is signed: the claims are what we log.
-    token = None if rule.shadow else snap.signing_key.sign(claims, ex.typ)
     return Decision(
         Reason.ALLOWED,
         rule=rule,
@@ -144,9 +156,8 @@ def decide(inp: CheckInput, snap: Snapshot, now: float, new_id: Callable[[], str
         subject=subject,
         request=request,
         claims=claims,
-        token=token,
-        header=ex.header,
-        strip_headers=ex.strip_headers,
+        header=policy.exchange.header,
+        strip_headers=policy.exchange.strip_headers,
     )
 
 
@@ -359,14 +370,13 @@ def authorize(subject: Subject, caller: str, request: Request, policy: Policy) -
             return _Deny(Reason.REEXCHANGE_DENIED, "a minted token is not a subject token here")
         return _Deny(Reason.NO_RULE)
     if subject.issuer_id == SELF_ISSUER_ID and caller not in subject.audiences:
-        return _Deny(Reason.REEXCHANGE_DENIED, "minted token was not issued to this caller")
+        return _Deny(Reason.REEXCHANGE_DENIED, "minted token was not issued to this caller", rule)
     if subject.may_act is not None and subject.may_act.get("sub") != caller:
-        return _Deny(Reason.ACTOR_NOT_PERMITTED, "may_act does not name the caller")
+        return _Deny(Reason.ACTOR_NOT_PERMITTED, "may_act does not name the caller", rule)
     missing = rule.require_scopes - subject.scopes
     if missing:
-        return _Deny(
-            Reason.INSUFFICIENT_SCOPE, "missing required scopes: " + " ".join(sorted(missing))
-        )
+        detail = "missing required scopes: " + " ".join(sorted(missing))
+        return _Deny(Reason.INSUFFICIENT_SCOPE, detail, rule)
     return rule
 
 

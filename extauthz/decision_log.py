@@ -17,16 +17,12 @@ def record(decision: Decision, latency_s: float, request_id: str, now: float) ->
         decision.claims,
         decision.request,
     )
-    if not decision.allowed:
-        verdict = "deny"
-    elif decision.shadow:
-        verdict = "shadow"
-    else:
-        verdict = "allow"
+    verdict = "allow" if decision.allowed else "deny"
     line: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         + f".{int(now % 1 * 1000):03d}Z",
         "decision": verdict,
+        "shadow": decision.shadow,
         "reason": decision.reason.code,
         "rule": rule.id if rule else None,
         "purpose": rule.purpose if rule else None,

@@ -67,7 +67,7 @@ def _metadata(decision: Decision) -> struct_pb2.Struct:
 
 
 def check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
-    if decision.allowed and decision.shadow:
+    if decision.shadow:
         # Shadow mode: the decision is logged, the request goes upstream as it came.
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),

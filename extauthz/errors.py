@@ -24,6 +24,7 @@ class Problem:
     field: str  # dotted path of the offending field, "" when the whole entry is at fault
     message: str
     line: int | None = None
+    code: str = "invalid-policy"  # the lint check id this problem belongs to
 
     def __str__(self) -> str:
         loc = self.file if self.line is None else f"{self.file}:{self.line}"

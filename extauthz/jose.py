@@ -88,11 +88,13 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except TokenFormatError:
+        raise
     except UnicodeDecodeError as exc:
         raise TokenFormatError("not UTF-8") from exc
     except RecursionError as exc:
         raise TokenFormatError("JSON nested too deep") from exc
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and integers longer than Python will parse
         raise TokenFormatError("not JSON") from exc
     if not isinstance(value, dict):
         raise TokenFormatError("not a JSON object")
@@ -295,6 +297,25 @@ def generate_signing_key(alg: str = "ES256") -> SigningKey:
     if alg == "EdDSA":
         return _signing_key_from_private(ed25519.Ed25519PrivateKey.generate())
     raise ValueError(f"unsupported signing algorithm {alg!r}; use ES256 or EdDSA")
+
+
+def generate_issuer_key(alg: str) -> SigningKey:
+    """A throwaway key in any accepted algorithm, for simulated issuers (policy tests, explain,
+    the demo). Never a key of the exchange itself: those are ES256 or EdDSA only."""
+    if alg in SIGNING_ALGORITHMS:
+        return generate_signing_key(alg)
+    private: Any
+    if alg[:2] in ("RS", "PS"):
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
+    elif alg in _EC_CURVE_FOR:
+        curve = {"ES384": ec.SECP384R1(), "ES512": ec.SECP521R1()}[alg]
+        private = ec.generate_private_key(curve)
+        jwk = json.loads(ECAlgorithm.to_jwk(private.public_key()))
+    else:
+        raise ValueError(f"unsupported algorithm {alg!r}")
+    kid = thumbprint(jwk)
+    return SigningKey(kid, alg, {**jwk, "kid": kid, "alg": alg, "use": "sig"}, private)
 
 
 def load_signing_key(path: Path) -> SigningKey:

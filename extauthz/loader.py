@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .core import Snapshot
@@ -29,12 +29,19 @@ def own_keys(signing: Sequence[SigningKey]) -> IssuerKeys:
 
 
 def build_snapshot(policy: Policy, signing: Sequence[SigningKey]) -> Snapshot:
-    """The first key signs; all of them are published and accepted for re-exchange."""
+    """Load the policy's issuer JWKS files and pair them with our keys."""
+    return build_snapshot_from(policy, load_issuer_keys(policy), signing)
+
+
+def build_snapshot_from(
+    policy: Policy, issuer_keys: Mapping[str, IssuerKeys], signing: Sequence[SigningKey]
+) -> Snapshot:
+    """The first signing key signs; all of them are published and accepted for re-exchange."""
     if not signing:
         raise KeyLoadError("no signing key")
     return Snapshot(
         policy=policy,
-        issuer_keys=load_issuer_keys(policy),
+        issuer_keys=dict(issuer_keys),
         signing_keys=tuple(signing),
         own_keys=own_keys(signing),
     )

@@ -142,3 +142,18 @@ def parse_template(text: str) -> Template:
                 raise ValueError(f"segment {part!r} is not in normal form")
             out.append(part)
     return Template(text, tuple(out))
+
+
+def template_matches(template: Template, segments: Segments) -> bool:
+    """Does one template match a normalised path? (The table does this for all at once.)"""
+    for index, want in enumerate(template.segments):
+        if want == REST:
+            return True
+        if index >= len(segments):
+            return False
+        if want == PARAM:
+            if segments[index] == "":
+                return False
+        elif want != segments[index]:
+            return False
+    return len(segments) == len(template.segments)

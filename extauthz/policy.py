@@ -53,6 +53,24 @@ _DURATION = re.compile(r"(\d+)(s|m|h)")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
 
 
+# Compile problems that are also lint findings, by the field they concern: the policy linter
+# reports them under these check ids.
+PROBLEM_CODES = {
+    "grant.audience": "audience-not-single-system",
+    "grant.ttl": "ttl-not-capped",
+    "exchange.maxTtl": "ttl-not-capped",
+    "grant.scopes": "scope-not-deterministic",
+    "require.scopes": "scope-not-deterministic",
+    "algorithms": "issuer-algorithm-weak",
+    "issuer": "issuer-broad",
+    "exchange.issuer": "issuer-not-https",
+    "audiences": "issuer-audiences-missing",
+    "purpose": "purpose-missing",
+    "match.workloads": "workload-invalid",
+    "match": "rules-ambiguous",
+}
+
+
 # --- the compiled model ----------------------------------------------------------------------
 
 
@@ -76,6 +94,7 @@ class TrustedIssuer:
     audiences: frozenset[str]
     algorithms: frozenset[str]
     token_types: frozenset[str]  # accepted header typ values, lower-case, no "application/"
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +118,11 @@ class Rule:
     shadow: bool
     reexchange: bool
     line: int | None = field(default=None, compare=False)
+    # "grant.ttl" -> line, for tools that point at a field (lint, explain)
+    field_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, fieldpath: str) -> int | None:
+        return self.field_lines.get(fieldpath, self.line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +221,7 @@ class Policy:
     xfcc_trusted_hops: frozenset[str]
     rules: tuple[Rule, ...]
     table: RuleTable
+    shadow: bool = False  # the whole policy in shadow mode: decide and log, enforce nothing
 
     def find_rule(
         self, host: str, method: str, segments: paths.Segments, caller: str, issuer_id: str
@@ -268,7 +293,8 @@ class _Checker:
         line = None
         if isinstance(node, yamlsrc.Located):
             line = node.line_of(key) if key else node.line
-        self.problems.append(Problem(self.source, where, fieldpath, message, line))
+        code = PROBLEM_CODES.get(fieldpath, "invalid-policy")
+        self.problems.append(Problem(self.source, where, fieldpath, message, line, code))
 
     # -- small typed getters; each reports and returns a safe fallback on a bad value --
 
@@ -349,7 +375,16 @@ class _Checker:
             return None
         self.fields(
             doc,
-            {"apiVersion", "kind", "exchange", "trustedIssuers", "workloads", "rules", "default"},
+            {
+                "apiVersion",
+                "kind",
+                "mode",
+                "exchange",
+                "trustedIssuers",
+                "workloads",
+                "rules",
+                "default",
+            },
             "",
             "",
         )
@@ -357,6 +392,9 @@ class _Checker:
             self.fail("", "apiVersion", f"must be {API_VERSION!r}", doc, "apiVersion")
         if doc.get("kind") != KIND:
             self.fail("", "kind", f"must be {KIND!r}", doc, "kind")
+        mode = doc.get("mode", "enforce")
+        if mode not in ("enforce", "shadow"):
+            self.fail("", "mode", "must be enforce or shadow", doc, "mode")
         if doc.get("default", "deny") != "deny":
             self.fail("", "default", "must be 'deny' (there is no default allow)", doc, "default")
         exchange = self.exchange(self.mapping(doc, "exchange", "", "", required=True))
@@ -378,6 +416,7 @@ class _Checker:
             xfcc_trusted_hops=frozenset(hops),
             rules=tuple(rules),
             table=table,
+            shadow=mode == "shadow",
         )
 
     def exchange(self, node: Any) -> Exchange | None:
@@ -526,6 +565,7 @@ class _Checker:
                         audiences=frozenset(audiences),
                         algorithms=frozenset(algorithms),
                         token_types=frozenset(normal_typ(t) for t in types),
+                        line=node.line,
                     )
                 )
         return out
@@ -703,6 +743,12 @@ class _Checker:
             shadow=mode == "shadow",
             reexchange=reexchange is True,
             line=node.line,
+            field_lines={
+                **_lines(node, "", ("id", "purpose", "mode", "reexchange")),
+                **_lines(match, "match.", ("workloads", "host", "methods", "paths", "issuers")),
+                **_lines(require, "require.", ("scopes",)),
+                **_lines(grant_node, "grant.", ("audience", "scopes", "ttl")),
+            },
         )
 
     def scopes(self, scopes: list[str], w: str, fieldpath: str, node: Any) -> None:
@@ -762,7 +808,7 @@ class _Checker:
         for other_pattern, other_iss, other in leaf.patterns:
             if other.id == rule.id or other_iss != iss:
                 continue
-            if other_pattern.specificity == pattern.specificity and _patterns_overlap(
+            if other_pattern.specificity == pattern.specificity and patterns_overlap(
                 other_pattern.parts, pattern.parts
             ):
                 self.fail(
@@ -774,6 +820,13 @@ class _Checker:
                 )
                 return
         leaf.patterns.append((pattern, iss, rule))
+
+
+def _lines(node: Any, prefix: str, keys: tuple[str, ...]) -> dict[str, int]:
+    if not isinstance(node, yamlsrc.Located):
+        return {}
+    found = {prefix + key: node.key_lines.get(key) for key in keys}
+    return {key: line for key, line in found.items() if line is not None}
 
 
 def _leaf_for(root: _Node, template: paths.Template) -> Leaf:
@@ -804,7 +857,7 @@ def _sort_patterns(node: _Node) -> None:
         _sort_patterns(node.param)
 
 
-def _patterns_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+def patterns_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     """Could one SPIFFE ID match both segment patterns?"""
     a_rest, b_rest = a[-1] == "**", b[-1] == "**"
     a_fixed = a[:-1] if a_rest else a

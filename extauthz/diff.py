@@ -1,0 +1,149 @@
+"""``extauthz policy diff OLD NEW``: what a policy change does to the grants.
+
+Rules are compared by id. Every change is classified: widening (someone can get a token they
+could not, or a token that does more or lives longer), narrowing, or neutral. A review gate
+fails the change when anything widens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .policy import Policy, Rule, TrustedIssuer
+
+WIDENS, NARROWS, NEUTRAL = "widens", "narrows", "neutral"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    effect: str  # widens | narrows | neutral
+    kind: str  # stable: rule-added, scopes-added, ttl-raised, ...
+    rule: str | None
+    detail: str
+
+    def render(self) -> str:
+        mark = {WIDENS: "WIDENS ", NARROWS: "narrows", NEUTRAL: "       "}[self.effect]
+        subject = f"rule {self.rule}: " if self.rule else ""
+        return f"{mark}  {self.kind}: {subject}{self.detail}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def diff_policies(old: Policy, new: Policy) -> list[Change]:
+    changes = [*_exchange(old, new), *_issuers(old, new), *_workloads(old, new)]
+    old_rules = {r.id: r for r in old.rules}
+    new_rules = {r.id: r for r in new.rules}
+    for ident in sorted(new_rules.keys() - old_rules.keys()):
+        rule = new_rules[ident]
+        changes.append(
+            Change(
+                WIDENS,
+                "rule-added",
+                ident,
+                f"{', '.join(sorted(rule.methods))} {rule.host} {', '.join(rule.paths)} -> "
+                f"{rule.grant.audience} [{' '.join(sorted(rule.grant.scopes))}] "
+                f"ttl {rule.grant.ttl}s",
+            )
+        )
+    for ident in sorted(old_rules.keys() - new_rules.keys()):
+        changes.append(Change(NARROWS, "rule-removed", ident, "no longer grants anything"))
+    for ident in sorted(old_rules.keys() & new_rules.keys()):
+        changes.extend(_rule(old_rules[ident], new_rules[ident]))
+    return changes
+
+
+def _sets(
+    kind: str, rule: str | None, old: frozenset[str], new: frozenset[str], more: str
+) -> Iterator[Change]:
+    """Added members widen when ``more`` is WIDENS (and removed ones narrow), or the reverse."""
+    less = NARROWS if more == WIDENS else WIDENS
+    added, removed = sorted(new - old), sorted(old - new)
+    if added:
+        yield Change(more, f"{kind}-added", rule, " ".join(added))
+    if removed:
+        yield Change(less, f"{kind}-removed", rule, " ".join(removed))
+
+
+def _number(kind: str, rule: str | None, old: int, new: int, unit: str = "s") -> Iterator[Change]:
+    if new > old:
+        yield Change(WIDENS, f"{kind}-raised", rule, f"{old}{unit} -> {new}{unit}")
+    elif new < old:
+        yield Change(NARROWS, f"{kind}-lowered", rule, f"{old}{unit} -> {new}{unit}")
+
+
+def _rule(old: Rule, new: Rule) -> Iterator[Change]:
+    r = new.id
+    if old.grant.audience != new.grant.audience:
+        yield Change(WIDENS, "audience-changed", r, f"{old.grant.audience} -> {new.grant.audience}")
+    yield from _sets("scopes", r, old.grant.scopes, new.grant.scopes, WIDENS)
+    yield from _number("ttl", r, old.grant.ttl, new.grant.ttl)
+    yield from _sets("required-scopes", r, old.require_scopes, new.require_scopes, NARROWS)
+    yield from _sets("workloads", r, frozenset(old.workloads), frozenset(new.workloads), WIDENS)
+    yield from _sets("issuers", r, old.issuers, new.issuers, WIDENS)
+    yield from _sets("methods", r, old.methods, new.methods, WIDENS)
+    yield from _sets("paths", r, frozenset(old.paths), frozenset(new.paths), WIDENS)
+    if old.host != new.host:
+        yield Change(WIDENS, "host-changed", r, f"{old.host} -> {new.host}")
+    if old.shadow != new.shadow:
+        if new.shadow:
+            yield Change(WIDENS, "shadow-enabled", r, "requests it matches pass unenforced")
+        else:
+            yield Change(NEUTRAL, "shadow-disabled", r, "now enforced")
+    if old.reexchange != new.reexchange:
+        effect = WIDENS if new.reexchange else NARROWS
+        yield Change(effect, "reexchange-changed", r, f"{old.reexchange} -> {new.reexchange}")
+    if old.purpose != new.purpose:
+        yield Change(NEUTRAL, "purpose-changed", r, f"{old.purpose!r} -> {new.purpose!r}")
+
+
+def _exchange(old: Policy, new: Policy) -> Iterator[Change]:
+    a, b = old.exchange, new.exchange
+    yield from _number("max-ttl", None, a.max_ttl, b.max_ttl)
+    yield from _number("leeway", None, a.leeway, b.leeway)
+    yield from _number("max-token-bytes", None, a.max_token_bytes, b.max_token_bytes, " bytes")
+    if a.issuer != b.issuer:
+        yield Change(NEUTRAL, "exchange-issuer-changed", None, f"{a.issuer} -> {b.issuer}")
+    if a.token_type != b.token_type:
+        yield Change(NEUTRAL, "token-type-changed", None, f"{a.token_type} -> {b.token_type}")
+    yield from _sets(
+        "strip-headers", None, frozenset(a.strip_headers), frozenset(b.strip_headers), NARROWS
+    )
+    if old.shadow != new.shadow:
+        if new.shadow:
+            yield Change(WIDENS, "policy-shadow-enabled", None, "nothing is enforced")
+        else:
+            yield Change(NEUTRAL, "policy-shadow-disabled", None, "enforced again")
+
+
+def _issuers(old: Policy, new: Policy) -> Iterator[Change]:
+    for ident in sorted(new.issuers.keys() - old.issuers.keys()):
+        yield Change(WIDENS, "issuer-added", None, f"{ident} ({new.issuers[ident].issuer})")
+    for ident in sorted(old.issuers.keys() - new.issuers.keys()):
+        yield Change(NARROWS, "issuer-removed", None, ident)
+    for ident in sorted(old.issuers.keys() & new.issuers.keys()):
+        yield from _issuer(old.issuers[ident], new.issuers[ident])
+
+
+def _issuer(a: TrustedIssuer, b: TrustedIssuer) -> Iterator[Change]:
+    label = f"issuer {a.id}"
+    if a.issuer != b.issuer:
+        yield Change(WIDENS, "issuer-url-changed", None, f"{label}: {a.issuer} -> {b.issuer}")
+    for kind, x, y in (
+        ("issuer-audiences", a.audiences, b.audiences),
+        ("issuer-algorithms", a.algorithms, b.algorithms),
+        ("issuer-token-types", a.token_types, b.token_types),
+    ):
+        for change in _sets(kind, None, x, y, WIDENS):
+            yield Change(change.effect, change.kind, None, f"{label}: {change.detail}")
+    if a.jwks_file != b.jwks_file:
+        yield Change(
+            NEUTRAL, "issuer-jwks-changed", None, f"{label}: {a.jwks_file} -> {b.jwks_file}"
+        )
+
+
+def _workloads(old: Policy, new: Policy) -> Iterator[Change]:
+    yield from _sets("trust-domains", None, old.trust_domains, new.trust_domains, WIDENS)
+    yield from _sets("xfcc-hops", None, old.xfcc_trusted_hops, new.xfcc_trusted_hops, WIDENS)

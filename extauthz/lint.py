@@ -1,0 +1,522 @@
+"""``extauthz policy lint``: what in a policy turns token exchange into privilege amplification.
+
+The compiler already refuses what is never safe (wildcard audiences, uncapped ttls, wildcard
+scopes, symmetric algorithms, rules without a purpose, ambiguous overlaps); those come back here
+as errors under the same check ids. The checks below flag what compiles but widens the blast
+radius of a token: each finding says the risk in one line and how to fix it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import paths, yamlsrc
+from .errors import PolicyError
+from .identity import parse_spiffe_id
+from .policy import (
+    MAX_POLICY_BYTES,
+    SELF_ISSUER_ID,
+    Policy,
+    Rule,
+    TrustedIssuer,
+    WorkloadPattern,
+    compile_policy,
+    patterns_overlap,
+)
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+SHORT_TTL = 60  # seconds; longer grants are flagged even when under maxTtl
+MAX_WORKLOADS_PER_RULE = 10
+MAX_AUDIENCES_PER_ISSUER = 3
+CATCH_ALL_SCOPES = frozenset(
+    {"all", "any", "admin", "root", "superuser", "full", "full_access", "everything", "*"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    severity: str
+    check: str
+    file: str
+    line: int | None
+    rule: str | None
+    field: str
+    message: str
+    hint: str
+
+    def render(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        subject = f"rule {self.rule}: " if self.rule else ""
+        field = f"{self.field}: " if self.field else ""
+        return (
+            f"{where}: {self.severity}[{self.check}] {subject}{field}{self.message}\n"
+            f"    fix: {self.hint}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class UnreadablePolicy(Exception):
+    """The file cannot be read at all (exit 2), as opposed to read and found wanting."""
+
+
+# Hints for compile problems, by check id.
+_COMPILE_HINTS = {
+    "audience-not-single-system": "name exactly one downstream system as the audience",
+    "ttl-not-capped": "give every grant a short ttl within exchange.maxTtl (at most 3600s)",
+    "scope-not-deterministic": "list the exact scopes; no wildcards",
+    "issuer-algorithm-weak": "list only the asymmetric algorithms the issuer really uses",
+    "issuer-broad": "name one exact issuer per entry",
+    "issuer-not-https": "use the https:// issuer URL",
+    "issuer-audiences-missing": "list the audiences this issuer's tokens must carry for us",
+    "purpose-missing": "say in a sentence why this exchange exists",
+    "workload-invalid": "name callers by exact SPIFFE ID in a trusted domain",
+    "rules-ambiguous": "make the rules disjoint: split hosts, methods, paths or workloads",
+    "invalid-policy": "correct the field as the message says",
+}
+
+
+def lint_file(path: Path) -> list[Finding]:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_POLICY_BYTES + 1)
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnreadablePolicy(f"{path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return lint_text(text, source=str(path), base_dir=path.parent)
+
+
+def lint_text(
+    text: str, *, source: str = "<policy>", base_dir: Path | None = None
+) -> list[Finding]:
+    try:
+        policy = compile_policy(text, source=source, base_dir=base_dir)
+    except PolicyError as exc:
+        return [
+            Finding(
+                ERROR,
+                p.code,
+                p.file,
+                p.line,
+                _rule_id(p.where),
+                p.field,
+                p.message,
+                _COMPILE_HINTS.get(p.code, _COMPILE_HINTS["invalid-policy"]),
+            )
+            for p in exc.problems
+        ]
+    raw = yamlsrc.load(text)
+    findings: list[Finding] = []
+    for check in CHECKS:
+        findings.extend(check(policy, raw))
+    order = {ERROR: 0, WARNING: 1, INFO: 2}
+    return sorted(findings, key=lambda f: (order[f.severity], f.line or 0, f.check))
+
+
+def _rule_id(where: str) -> str | None:
+    if where.startswith("rules") and "(" in where:
+        return where[where.index("(") + 1 : where.rindex(")")]
+    return None
+
+
+def _finding(
+    severity: str, check: str, policy: Policy, rule: Rule | None, field: str, msg: str, hint: str
+) -> Finding:
+    line = rule.line_of(field) if rule is not None else None
+    return Finding(
+        severity, check, policy.source, line, rule.id if rule else None, field, msg, hint
+    )
+
+
+# --- the checks ------------------------------------------------------------------------------
+
+Check = Callable[[Policy, Any], Iterator[Finding]]
+
+
+def audience_not_single_system(policy: Policy, raw: Any) -> Iterator[Finding]:
+    for rule in policy.rules:
+        aud = rule.grant.audience
+        why = _family_audience(aud)
+        if why:
+            yield _finding(
+                ERROR,
+                "audience-not-single-system",
+                policy,
+                rule,
+                "grant.audience",
+                f"{aud!r} {why}: every system under it would accept the token",
+                "name exactly one workload or service as the audience",
+            )
+
+
+def _family_audience(aud: str) -> str:
+    if aud.endswith("/"):
+        return "ends with '/' like a prefix"
+    if any(c in aud for c in "{}?[]"):
+        return "looks like a pattern"
+    if aud.startswith("spiffe://"):
+        parsed = parse_spiffe_id(aud)
+        if parsed is None:
+            return "is not a valid SPIFFE ID"
+        segments = parsed.path.split("/")[1:] if parsed.path else []
+        if len(segments) < 2 or segments[-2] == "ns":
+            return "names a whole trust domain or namespace, not one workload"
+    return ""
+
+
+def audience_shared(policy: Policy, raw: Any) -> Iterator[Finding]:
+    hosts: dict[str, set[str]] = defaultdict(set)
+    first: dict[str, Rule] = {}
+    for rule in policy.rules:
+        hosts[rule.grant.audience].add(rule.host)
+        first.setdefault(rule.grant.audience, rule)
+    for aud, names in hosts.items():
+        if len(names) > 1:
+            yield _finding(
+                WARNING,
+                "audience-shared",
+                policy,
+                first[aud],
+                "grant.audience",
+                f"{aud!r} is granted for {len(names)} hosts ({', '.join(sorted(names))}): "
+                "one token then opens several systems",
+                "give each destination system its own audience",
+            )
+
+
+def ttl_long(policy: Policy, raw: Any) -> Iterator[Finding]:
+    for rule in policy.rules:
+        if rule.grant.ttl > SHORT_TTL:
+            yield _finding(
+                WARNING,
+                "ttl-long",
+                policy,
+                rule,
+                "grant.ttl",
+                f"{rule.grant.ttl}s: a leaked token stays useful that long",
+                f"grant at most {SHORT_TTL}s; callers exchange again when they need to",
+            )
+
+
+def max_ttl_implicit(policy: Policy, raw: Any) -> Iterator[Finding]:
+    exchange = raw.get("exchange") if isinstance(raw, dict) else None
+    if isinstance(exchange, dict) and "maxTtl" not in exchange:
+        yield Finding(
+            WARNING,
+            "max-ttl-implicit",
+            policy.source,
+            exchange.line if isinstance(exchange, yamlsrc.Located) else None,
+            None,
+            "exchange.maxTtl",
+            f"no maxTtl: the cap is the built-in default ({policy.exchange.max_ttl}s)",
+            "set exchange.maxTtl to the longest lifetime you accept",
+        )
+
+
+def scope_catch_all(policy: Policy, raw: Any) -> Iterator[Finding]:
+    for rule in policy.rules:
+        broad = sorted(s for s in rule.grant.scopes if s.lower() in CATCH_ALL_SCOPES)
+        if broad:
+            yield _finding(
+                ERROR,
+                "scope-not-deterministic",
+                policy,
+                rule,
+                "grant.scopes",
+                f"{', '.join(broad)}: a catch-all scope grants whatever the downstream decides",
+                "grant the specific scopes the purpose needs",
+            )
+
+
+def grant_wider_than_require(policy: Policy, raw: Any) -> Iterator[Finding]:
+    for rule in policy.rules:
+        if not rule.require_scopes:
+            yield _finding(
+                WARNING,
+                "require-empty",
+                policy,
+                rule,
+                "require.scopes",
+                "no required scope: any token from the issuer holding one grantable scope is "
+                "exchanged",
+                "require the scopes the purpose depends on",
+            )
+            continue
+        extra = sorted(rule.grant.scopes - rule.require_scopes)
+        if extra:
+            yield _finding(
+                WARNING,
+                "grant-wider-than-require",
+                policy,
+                rule,
+                "grant.scopes",
+                f"grants {', '.join(extra)} beyond what it requires",
+                "grant only what require.scopes names, or require it too",
+            )
+
+
+def _issuer_finding(
+    policy: Policy,
+    issuer: TrustedIssuer,
+    check: str,
+    severity: str,
+    field: str,
+    msg: str,
+    hint: str,
+) -> Finding:
+    where = f"trustedIssuers ({issuer.id}).{field}"
+    return Finding(severity, check, policy.source, issuer.line, None, where, msg, hint)
+
+
+def issuer_checks(policy: Policy, raw: Any) -> Iterator[Finding]:
+    for issuer in policy.issuers.values():
+        if not issuer.issuer.startswith("https://"):
+            yield _issuer_finding(
+                policy,
+                issuer,
+                "issuer-not-https",
+                ERROR,
+                "issuer",
+                f"{issuer.issuer!r} is not https: its discovery and keys can be tampered with",
+                "use the issuer's https:// URL",
+            )
+        if len(issuer.audiences) > MAX_AUDIENCES_PER_ISSUER:
+            yield _issuer_finding(
+                policy,
+                issuer,
+                "issuer-audiences-broad",
+                WARNING,
+                "audiences",
+                f"{len(issuer.audiences)} audiences accepted: tokens meant for other systems "
+                "are exchanged too",
+                "accept only the audience(s) that name this mesh",
+            )
+        legacy = sorted(a for a in issuer.algorithms if a.startswith("RS"))
+        if legacy:
+            yield _issuer_finding(
+                policy,
+                issuer,
+                "issuer-algorithm-weak",
+                INFO,
+                "algorithms",
+                f"{', '.join(legacy)} (RSA PKCS#1 v1.5) accepted",
+                "prefer ES256, EdDSA or PS256 where the issuer offers them",
+            )
+
+
+def rule_many_issuers(policy: Policy, raw: Any) -> Iterator[Finding]:
+    for rule in policy.rules:
+        if len(rule.issuers) > 1:
+            yield _finding(
+                WARNING,
+                "rule-many-issuers",
+                policy,
+                rule,
+                "match.issuers",
+                f"accepts tokens from {len(rule.issuers)} issuers",
+                "split the rule per issuer, or keep only the issuer its callers use",
+            )
+
+
+def purpose_vague(policy: Policy, raw: Any) -> Iterator[Finding]:
+    for rule in policy.rules:
+        if len(rule.purpose.split()) < 3:
+            yield _finding(
+                WARNING,
+                "purpose-missing",
+                policy,
+                rule,
+                "purpose",
+                f"{rule.purpose!r} does not say why the exchange exists",
+                "write who calls what, for which user-visible feature",
+            )
+
+
+def workloads_broad(policy: Policy, raw: Any) -> Iterator[Finding]:
+    for rule in policy.rules:
+        for text in rule.workloads:
+            parts = text[len("spiffe://") :].split("/")
+            if "*" in text and (len(parts) <= 2 or parts[1:3] == ["ns", "*"] or parts[1] == "**"):
+                yield _finding(
+                    WARNING,
+                    "workloads-broad",
+                    policy,
+                    rule,
+                    "match.workloads",
+                    f"{text!r} matches a whole trust domain or every namespace",
+                    "name the calling workloads, or at least one namespace",
+                )
+        if len(rule.workloads) > MAX_WORKLOADS_PER_RULE:
+            yield _finding(
+                WARNING,
+                "workloads-broad",
+                policy,
+                rule,
+                "match.workloads",
+                f"{len(rule.workloads)} callers share one rule",
+                "give each calling application its own rule and purpose",
+            )
+
+
+def exchange_path_shared(policy: Policy, raw: Any) -> Iterator[Finding]:
+    audiences: dict[str, set[str]] = defaultdict(set)
+    owner: dict[str, Rule] = {}
+    for rule in policy.rules:
+        for text in rule.workloads:
+            if "*" in text:
+                audiences[text].add(rule.grant.audience)
+                owner.setdefault(text, rule)
+    for text, auds in audiences.items():
+        if len(auds) > 1:
+            yield _finding(
+                WARNING,
+                "exchange-path-shared",
+                policy,
+                owner[text],
+                "match.workloads",
+                f"{text!r} may exchange into {len(auds)} audiences: one path serves many apps",
+                "name each application's workloads in the rules for its own audience",
+            )
+
+
+def xfcc_hops(policy: Policy, raw: Any) -> Iterator[Finding]:
+    if policy.xfcc_trusted_hops:
+        yield Finding(
+            INFO,
+            "xfcc-trusted",
+            policy.source,
+            None,
+            None,
+            "workloads.xfcc.trustedHops",
+            f"{len(policy.xfcc_trusted_hops)} hop(s) may vouch for callers through XFCC",
+            "make sure those proxies overwrite (SANITIZE_SET/APPEND_FORWARD) client XFCC",
+        )
+
+
+def rules_overlap(policy: Policy, raw: Any) -> Iterator[Finding]:
+    by_host: dict[str, list[Rule]] = defaultdict(list)
+    for rule in policy.rules:
+        by_host[rule.host].append(rule)
+    for rules in by_host.values():
+        for a, b in itertools.combinations(rules, 2):
+            if _overlap(a, b):
+                yield _finding(
+                    WARNING,
+                    "rules-overlap",
+                    policy,
+                    b,
+                    "match",
+                    f"overlaps rule {a.id!r}; the compiler picks the more specific path or "
+                    "workload, which a reader may not expect",
+                    "make the rules disjoint so each request has one obvious rule",
+                )
+
+
+def _overlap(a: Rule, b: Rule) -> bool:
+    if a.methods.isdisjoint(b.methods) or _issuer_ids(a).isdisjoint(_issuer_ids(b)):
+        return False
+    if not any(
+        templates_overlap(paths.parse_template(x).segments, paths.parse_template(y).segments)
+        for x in a.paths
+        for y in b.paths
+    ):
+        return False
+    return any(_workloads_overlap(x, y) for x in a.workloads for y in b.workloads)
+
+
+def _issuer_ids(rule: Rule) -> frozenset[str]:
+    return rule.issuers | {SELF_ISSUER_ID} if rule.reexchange else rule.issuers
+
+
+def templates_overlap(a: paths.Segments, b: paths.Segments) -> bool:
+    for i in itertools.count():
+        if (i < len(a) and a[i] == paths.REST) or (i < len(b) and b[i] == paths.REST):
+            return True
+        if i == len(a) or i == len(b):
+            return len(a) == len(b)
+        x, y = a[i], b[i]
+        if x == paths.PARAM and y == paths.PARAM:
+            continue
+        if x == paths.PARAM or y == paths.PARAM:
+            if (y if x == paths.PARAM else x) == "":
+                return False
+            continue
+        if x != y:
+            return False
+    return False  # unreachable; itertools.count never ends
+
+
+def _workloads_overlap(x: str, y: str) -> bool:
+    if "*" not in x and "*" not in y:
+        return x == y
+    px = WorkloadPattern(x, tuple(x[len("spiffe://") :].split("/")))
+    py = WorkloadPattern(y, tuple(y[len("spiffe://") :].split("/")))
+    if "*" not in x:
+        return py.matches(x)
+    if "*" not in y:
+        return px.matches(y)
+    return patterns_overlap(px.parts, py.parts)
+
+
+def shadow_mode(policy: Policy, raw: Any) -> Iterator[Finding]:
+    if policy.shadow:
+        yield Finding(
+            WARNING,
+            "shadow-mode",
+            policy.source,
+            None,
+            None,
+            "mode",
+            "the whole policy is in shadow mode: nothing is enforced, every request passes",
+            "use shadow mode only during a rollout; set mode: enforce after",
+        )
+    for rule in policy.rules:
+        if rule.shadow:
+            yield _finding(
+                INFO,
+                "shadow-mode",
+                policy,
+                rule,
+                "mode",
+                "in shadow mode: requests it matches pass with their original credentials",
+                "set mode: enforce once the decision log shows what you expect",
+            )
+
+
+def reexchange(policy: Policy, raw: Any) -> Iterator[Finding]:
+    for rule in policy.rules:
+        if rule.reexchange:
+            yield _finding(
+                INFO,
+                "reexchange-enabled",
+                policy,
+                rule,
+                "reexchange",
+                "accepts tokens this exchange minted (delegation chains grow)",
+                "allow re-exchange only where a service must call onward for the user",
+            )
+
+
+CHECKS: tuple[Check, ...] = (
+    audience_not_single_system,
+    audience_shared,
+    ttl_long,
+    max_ttl_implicit,
+    scope_catch_all,
+    grant_wider_than_require,
+    issuer_checks,
+    rule_many_issuers,
+    purpose_vague,
+    workloads_broad,
+    exchange_path_shared,
+    xfcc_hops,
+    rules_overlap,
+    shadow_mode,
+    reexchange,
+)

@@ -1,0 +1,118 @@
+"""Simulated requests for offline tools (``policy test``, ``explain``).
+
+A simulated request is signed by a throwaway key per trusted issuer and run through the very
+same ``core.decide`` the server runs, against a Snapshot whose issuer keys are those throwaway
+keys. Nothing here touches the policy's real JWKS files or signing keys.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core import CheckInput, Decision, Snapshot, decide
+from .jose import IssuerKeys, SigningKey, generate_issuer_key, generate_signing_key
+from .loader import own_keys
+from .policy import Policy, TrustedIssuer
+
+_SIGNED_DURATION = re.compile(r"(-?)(\d+)(s|m|h)?")
+_UNIT = {"s": 1, "m": 60, "h": 3600, None: 1}
+
+
+@dataclass(frozen=True, slots=True)
+class SimRequest:
+    """One request as a reviewer writes it: who calls what, carrying which token."""
+
+    workload: str
+    method: str = "GET"
+    host: str = ""
+    path: str = "/"
+    issuer: str | None = None  # trusted issuer id; None sends no token
+    claims: Mapping[str, Any] = field(default_factory=dict)  # over the defaults below
+    expires_in: int = 600
+    token_type: str = "at+jwt"
+    certificate: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def parse_signed_duration(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        found = _SIGNED_DURATION.fullmatch(value.strip())
+        if found:
+            sign = -1 if found.group(1) else 1
+            return sign * int(found.group(2)) * _UNIT[found.group(3)]
+    return None
+
+
+class Simulator:
+    """Throwaway issuers for a policy and a Snapshot that trusts them."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.issuer_keys: dict[str, SigningKey] = {
+            issuer.id: generate_issuer_key(_algorithm_for(issuer))
+            for issuer in policy.issuers.values()
+        }
+        signing = generate_signing_key()
+        self.snapshot = Snapshot(
+            policy=policy,
+            issuer_keys={
+                ident: IssuerKeys({key.kid: key.public()}, ())
+                for ident, key in self.issuer_keys.items()
+            },
+            signing_keys=(signing,),
+            own_keys=own_keys([signing]),
+        )
+
+    def subject_token(self, req: SimRequest, now: float) -> str | None:
+        if req.issuer is None:
+            return None
+        issuer = self.policy.issuers.get(req.issuer)
+        if issuer is None:
+            raise ValueError(f"{req.issuer!r} is not a trusted issuer id of the policy")
+        claims: dict[str, Any] = {
+            "iss": issuer.issuer,
+            "sub": "user-1",
+            "aud": sorted(issuer.audiences)[0],
+            "iat": int(now),
+            "exp": int(now) + req.expires_in,
+            "jti": secrets.token_urlsafe(8),
+        }
+        claims.update(req.claims)
+        return self.issuer_keys[issuer.id].sign(claims, req.token_type)
+
+    def check_input(self, req: SimRequest, now: float) -> CheckInput:
+        from .demo.pki import self_signed_pem
+
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        token = self.subject_token(req, now)
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        return CheckInput(
+            method=req.method,
+            host=req.host,
+            path=req.path,
+            headers=headers,
+            principal=req.workload,
+            peer_certificate=self_signed_pem(req.workload) if req.certificate else "",
+            request_id="simulated",
+        )
+
+    def decide(self, inp: CheckInput, now: float) -> Decision:
+        return decide(inp, self.snapshot, now, lambda: secrets.token_urlsafe(16))
+
+
+def _algorithm_for(issuer: TrustedIssuer) -> str:
+    """The issuer's algorithm the simulation signs with: ES256 when allowed, else the first."""
+    preferred = ("ES256", "EdDSA", "PS256", "RS256")
+    for alg in preferred:
+        if alg in issuer.algorithms:
+            return alg
+    return sorted(issuer.algorithms)[0]
