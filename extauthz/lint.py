@@ -271,7 +271,7 @@ def _issuer_finding(
     hint: str,
 ) -> Finding:
     where = f"trustedIssuers ({issuer.id}).{field}"
-    return Finding(severity, check, policy.source, issuer.line, None, where, msg, hint)
+    return Finding(severity, check, policy.source, issuer.line_of(field), None, where, msg, hint)
 
 
 def issuer_checks(policy: Policy, raw: Any) -> Iterator[Finding]:
@@ -341,8 +341,7 @@ def purpose_vague(policy: Policy, raw: Any) -> Iterator[Finding]:
 def workloads_broad(policy: Policy, raw: Any) -> Iterator[Finding]:
     for rule in policy.rules:
         for text in rule.workloads:
-            parts = text[len("spiffe://") :].split("/")
-            if "*" in text and (len(parts) <= 2 or parts[1:3] == ["ns", "*"] or parts[1] == "**"):
+            if "*" in text and _literal_prefix(text) < 2:
                 yield _finding(
                     WARNING,
                     "workloads-broad",
@@ -362,6 +361,17 @@ def workloads_broad(policy: Policy, raw: Any) -> Iterator[Finding]:
                 f"{len(rule.workloads)} callers share one rule",
                 "give each calling application its own rule and purpose",
             )
+
+
+def _literal_prefix(pattern: str) -> int:
+    """Literal path segments before the first wildcard: fewer than two (``/ns/<name>``) means
+    the pattern spans every namespace or the whole trust domain."""
+    count = 0
+    for part in pattern[len("spiffe://") :].split("/")[1:]:
+        if part in ("*", "**"):
+            break
+        count += 1
+    return count
 
 
 def exchange_path_shared(policy: Policy, raw: Any) -> Iterator[Finding]:
@@ -385,13 +395,24 @@ def exchange_path_shared(policy: Policy, raw: Any) -> Iterator[Finding]:
             )
 
 
+def _raw_line(raw: Any, *keys: str) -> int | None:
+    """The line of a nested key in the raw document, or of the deepest mapping found."""
+    node, line = raw, None
+    for key in keys:
+        if not isinstance(node, yamlsrc.Located):
+            break
+        line = node.line_of(key)
+        node = node.get(key)
+    return line
+
+
 def xfcc_hops(policy: Policy, raw: Any) -> Iterator[Finding]:
     if policy.xfcc_trusted_hops:
         yield Finding(
             INFO,
             "xfcc-trusted",
             policy.source,
-            None,
+            _raw_line(raw, "workloads", "xfcc", "trustedHops"),
             None,
             "workloads.xfcc.trustedHops",
             f"{len(policy.xfcc_trusted_hops)} hop(s) may vouch for callers through XFCC",
@@ -470,7 +491,7 @@ def shadow_mode(policy: Policy, raw: Any) -> Iterator[Finding]:
             WARNING,
             "shadow-mode",
             policy.source,
-            None,
+            _raw_line(raw, "mode"),
             None,
             "mode",
             "the whole policy is in shadow mode: nothing is enforced, every request passes",
