@@ -15,27 +15,61 @@ from .errors import ExtauthzError, PolicyError
 
 
 def _serve(args: argparse.Namespace) -> int:
+    supervising = args.workers > 1 and not args.worker
+    metrics_dir = None
+    if supervising:
+        from .workers import prepare_multiprocess_metrics
+
+        metrics_dir = prepare_multiprocess_metrics()  # before prometheus_client is imported
+    try:
+        return _serve_with(args, supervising)
+    finally:
+        if metrics_dir is not None:
+            from .workers import cleanup_multiprocess_metrics
+
+            cleanup_multiprocess_metrics(metrics_dir)
+
+
+def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
+    import tempfile
+
     from .decision_log import DecisionLog
-    from .jose import generate_signing_key, load_signing_key
-    from .loader import build_snapshot
-    from .policy import load_policy
-    from .server import Addresses, Sidecar, configure_logging, serve
+    from .jose import generate_signing_key, write_private_key
+    from .runtime import Runtime
+    from .server import Addresses, Sidecar, configure_logging, serve_single
 
     configure_logging(args.log_level)
     if not args.signing_key and not args.dev:
-        return _fail("no signing key: pass --signing-key FILE (or --dev for a throwaway one)")
+        return _fail("no signing key: pass --signing-key FILE|DIR (or --dev for a throwaway one)")
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
+    key_paths = [Path(p) for p in args.signing_key or []]
+    dev_key = None
+    if not key_paths:
+        print(
+            "extauthz: WARNING: --dev: signing with an ephemeral key made for this process. "
+            "Tokens it mints die with it. Never use --dev in production.",
+            file=sys.stderr,
+        )
+        dev_key = generate_signing_key()
+        if supervising:
+            # Every worker must sign with the key the supervisor publishes.
+            key_dir = Path(tempfile.mkdtemp(prefix="extauthz-dev-key-"))
+            write_private_key(dev_key, key_dir / "dev.pem")
+            key_paths, dev_key = [key_dir / "dev.pem"], None
+    sidecar = Sidecar(None, DecisionLog(None if args.no_decision_log else sys.stdout))
+    runtime = Runtime(
+        (lambda snap: None) if supervising else (lambda snap: setattr(sidecar, "snapshot", snap)),
+        Path(args.policy),
+        key_paths,
+        poll_interval=args.poll_interval,
+        key_activation_delay=args.key_activation_delay,
+        dev_key=dev_key,
+        subject_cache_size=args.subject_cache_size,
+    )
+    sidecar.on_unknown_kid = runtime.remote.unknown_kid
     try:
-        policy = load_policy(Path(args.policy))
-        if args.signing_key:
-            keys = [load_signing_key(Path(p)) for p in args.signing_key]
-        else:
-            print(
-                "extauthz: WARNING: --dev: signing with an ephemeral key made for this process. "
-                "Tokens it mints die with it. Never use --dev in production.",
-                file=sys.stderr,
-            )
-            keys = [generate_signing_key()]
-        snapshot = build_snapshot(policy, keys)
+        runtime.load_initial()
     except PolicyError as exc:
         count = len(exc.problems)
         print(f"extauthz: cannot start: the policy has {count} problem(s):", file=sys.stderr)
@@ -44,12 +78,39 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     except ExtauthzError as exc:
         return _fail(f"cannot start: {exc}")
-    sidecar = Sidecar(snapshot, DecisionLog(None if args.no_decision_log else sys.stdout))
     try:
-        asyncio.run(serve(sidecar, Addresses(args.grpc_address, args.admin_address or None)))
-    except OSError as exc:
+        if supervising:
+            from .workers import Supervisor, worker_addresses
+
+            addresses = worker_addresses(args.grpc_address, args.workers)
+            supervisor = Supervisor(runtime, _worker_argv(args, key_paths), addresses)
+            return asyncio.run(
+                supervisor.run(args.admin_address or None, args.grace, args.drain_delay)
+            )
+        front = Addresses(args.grpc_address, args.admin_address or None)
+        asyncio.run(
+            serve_single(sidecar, runtime, front, grace=args.grace, drain_delay=args.drain_delay)
+        )
+    except (OSError, ValueError) as exc:
         return _fail(f"cannot start: {exc}")
     return 0
+
+
+def _worker_argv(args: argparse.Namespace, key_paths: list[Path]) -> list[str]:
+    argv = ["--policy", args.policy]
+    for path in key_paths:
+        argv += ["--signing-key", str(path)]
+    argv += [
+        "--poll-interval", str(args.poll_interval),
+        "--key-activation-delay", str(args.key_activation_delay),
+        "--grace", str(args.grace),
+        "--drain-delay", str(args.drain_delay),
+        "--subject-cache-size", str(args.subject_cache_size),
+        "--log-level", args.log_level,
+    ]  # fmt: skip
+    if args.no_decision_log:
+        argv.append("--no-decision-log")
+    return argv
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
@@ -163,17 +224,24 @@ def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
 
         from .edge import check_input
         from .jose import generate_signing_key, load_jwks_file, load_signing_key
+        from .jwks_remote import fetch_jwks
         from .loader import build_snapshot_from
 
-        message = json_format.Parse(
-            Path(args.request).read_text(),
-            external_auth_pb2.CheckRequest(),
-            ignore_unknown_fields=True,
-        )
+        try:
+            message = json_format.Parse(
+                Path(args.request).read_text(),
+                external_auth_pb2.CheckRequest(),
+                ignore_unknown_fields=True,
+            )
+        except json_format.ParseError as exc:
+            raise ValueError(f"{args.request}: not a CheckRequest in protobuf JSON: {exc}") from exc
         issuer_keys = {}
         for issuer in policy.issuers.values():
             try:
-                issuer_keys[issuer.id] = load_jwks_file(issuer.jwks_file)
+                if issuer.jwks.file is not None:
+                    issuer_keys[issuer.id] = load_jwks_file(issuer.jwks.file)
+                elif issuer.jwks.url is not None:
+                    issuer_keys[issuer.id] = fetch_jwks(issuer.jwks.url, issuer.jwks.timeout)
             except ExtauthzError as exc:
                 print(f"extauthz: note: {exc}", file=sys.stderr)
         keys = [load_signing_key(Path(p)) for p in args.signing_key or []]
@@ -184,6 +252,8 @@ def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
     from .simulate import SimRequest, Simulator
 
     claims = json.loads(args.claims) if args.claims else {}
+    if not isinstance(claims, dict):
+        raise ValueError("--claims must be a JSON object")
     if args.scope is not None:
         claims["scope"] = args.scope
     sim = Simulator(policy)
@@ -192,11 +262,28 @@ def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
         method=args.method,
         host=args.host,
         path=args.path,
-        issuer=args.issuer or (sorted(policy.issuers)[0] if not args.no_token else None),
+        issuer=None if args.no_token else (args.issuer or sorted(policy.issuers)[0]),
         claims=claims,
         certificate=args.certificate,
     )
     return sim.check_input(request, now), sim.snapshot
+
+
+def _status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    from .server import split_address
+
+    host, port = split_address(args.admin_address)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{host}:{port}/statusz", timeout=5) as response:
+            doc = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return _fail(f"cannot reach the sidecar's admin port {args.admin_address}: {exc}")
+    print(json.dumps(doc, indent=2))
+    return 0 if doc.get("ready") else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -224,13 +311,42 @@ def parser() -> argparse.ArgumentParser:
         "--signing-key",
         action="append",
         metavar="FILE",
-        help="PEM private key (EC P-256 or Ed25519); repeat to publish several, the first signs",
+        help="PEM private key file (EC P-256 or Ed25519), or a directory of them (a mounted "
+        "Secret); repeatable. All are published; see docs/operations.md for which one signs",
     )
     serve.add_argument("--grpc-address", default="127.0.0.1:9191")
     serve.add_argument(
         "--admin-address", default="127.0.0.1:9102", help="probes and JWKS; empty to disable"
     )
     serve.add_argument("--dev", action="store_true", help="sign with an ephemeral key (unsafe)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="processes; worker i listens on the gRPC port + i"
+    )
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument(
+        "--subject-cache-size",
+        type=int,
+        default=10_000,
+        help="verified subject tokens remembered per process (0 disables)",
+    )
+    serve.add_argument(
+        "--poll-interval", type=float, default=2.0, help="seconds between checks for changed files"
+    )
+    serve.add_argument(
+        "--key-activation-delay",
+        type=float,
+        default=60.0,
+        help="seconds a newly added key is published before it signs",
+    )
+    serve.add_argument(
+        "--grace", type=float, default=10.0, help="seconds to finish in-flight checks on SIGTERM"
+    )
+    serve.add_argument(
+        "--drain-delay",
+        type=float,
+        default=1.0,
+        help="seconds to keep answering while reporting NOT_SERVING on SIGTERM",
+    )
     serve.add_argument("--no-decision-log", action="store_true", help="do not log decisions")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=_serve)
@@ -280,6 +396,10 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--now", type=float, help="decide at this Unix time")
     exp.add_argument("--format", choices=["text", "json"], default="text")
     exp.set_defaults(func=_explain)
+
+    status = sub.add_parser("status", help="ask a running sidecar what it runs")
+    status.add_argument("--admin-address", default="127.0.0.1:9102")
+    status.set_defaults(func=_status)
 
     demo = sub.add_parser("demo", help="run a narrated exchange through a real Envoy")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead")

@@ -9,6 +9,7 @@ exceptions that can leave ``decide`` are bugs, and the edge turns those into a d
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,6 +39,38 @@ class CheckInput:
     request_id: str = ""
 
 
+class SubjectCache:
+    """Verified subject tokens, by their exact text, so a repeated token costs a dict lookup
+    instead of a signature check. Only time-independent checks are remembered: exp, nbf and
+    iat are checked again on every hit. It lives in one Snapshot, so any reload (a policy,
+    key or JWKS change) starts from empty. Bounded; least recently used entries go first."""
+
+    def __init__(
+        self, max_entries: int = 10_000, on_lookup: Callable[[bool], None] | None = None
+    ) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, Subject] = OrderedDict()
+        self._on_lookup = on_lookup
+
+    def get(self, token: str) -> Subject | None:
+        entry = self._entries.get(token)
+        if entry is not None:
+            self._entries.move_to_end(token)
+        if self._on_lookup is not None:
+            self._on_lookup(entry is not None)
+        return entry
+
+    def put(self, token: str, subject: Subject) -> None:
+        if self.max_entries <= 0:
+            return
+        self._entries[token] = subject
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything a decision reads, swapped as one value when anything is reloaded."""
@@ -46,6 +79,7 @@ class Snapshot:
     issuer_keys: Mapping[str, IssuerKeys]  # by trusted issuer id
     signing_keys: tuple[SigningKey, ...]  # all published; the first one signs
     own_keys: IssuerKeys  # public halves of all our keys, to recognise re-exchanged tokens
+    subject_cache: SubjectCache = field(default_factory=SubjectCache, compare=False)
 
     @property
     def signing_key(self) -> SigningKey:
@@ -64,6 +98,7 @@ class Subject:
     audiences: tuple[str, ...]
     act: Mapping[str, Any] | None
     may_act: Mapping[str, Any] | None
+    not_before: float = float("-inf")  # the later of nbf and iat, when present
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +124,7 @@ class Decision:
     token: str | None = field(default=None, repr=False)
     header: str = "authorization"
     strip_headers: tuple[str, ...] = ()
+    issuer_id: str | None = None  # set on key_unknown, so the server can refetch that JWKS
     shadow: bool = False  # computed and logged, not enforced: the request passes untouched
 
     @property
@@ -101,6 +137,7 @@ class _Deny:
     reason: Reason
     detail: str = ""
     rule: Rule | None = None  # the rule that was found, when the deny came after finding it
+    issuer_id: str | None = None
 
 
 def decide(inp: CheckInput, snap: Snapshot, now: float, new_id: Callable[[], str]) -> Decision:
@@ -124,7 +161,7 @@ def evaluate(inp: CheckInput, snap: Snapshot, now: float, new_id: Callable[[], s
 
     subject = authenticate(inp.headers, snap, now)
     if isinstance(subject, _Deny):
-        return Decision(subject.reason, subject.detail)
+        return Decision(subject.reason, subject.detail, issuer_id=subject.issuer_id)
 
     caller = identify(inp, policy)
     if isinstance(caller, _Deny):
@@ -183,6 +220,23 @@ def authenticate(headers: Mapping[str, str], snap: Snapshot, now: float) -> Subj
     token = extract_bearer(headers, ex.max_token_bytes)
     if isinstance(token, _Deny):
         return token
+    subject = snap.subject_cache.get(token)
+    if subject is None:
+        subject = _verify(token, snap)
+        if isinstance(subject, _Deny):
+            return subject
+        snap.subject_cache.put(token, subject)
+    # Time is checked on every use, cached or not.
+    if subject.exp <= now - ex.leeway:
+        return _Deny(Reason.TOKEN_EXPIRED)
+    if subject.not_before > now + ex.leeway:
+        return _Deny(Reason.TOKEN_NOT_YET_VALID, "nbf or iat in the future")
+    return subject
+
+
+def _verify(token: str, snap: Snapshot) -> Subject | _Deny:
+    """Everything about the token that does not depend on the time."""
+    ex = snap.policy.exchange
     try:
         jws = parse_compact(token)
     except TokenFormatError as exc:
@@ -205,7 +259,7 @@ def authenticate(headers: Mapping[str, str], snap: Snapshot, now: float) -> Subj
             return _Deny(Reason.ISSUER_UNTRUSTED, "iss is not a trusted issuer")
         found = snap.issuer_keys.get(trusted.id)
         if found is None:
-            return _Deny(Reason.KEY_UNKNOWN, f"no keys loaded for issuer {trusted.id}")
+            return _Deny(Reason.KEY_UNKNOWN, "no keys loaded for this issuer", issuer_id=trusted.id)
         issuer_id, keys, algorithms = trusted.id, found, trusted.algorithms
         types, audiences = trusted.token_types, trusted.audiences
 
@@ -224,11 +278,13 @@ def authenticate(headers: Mapping[str, str], snap: Snapshot, now: float) -> Subj
         return _Deny(Reason.TOKEN_MALFORMED, "kid is not a string")
     candidates = keys.candidates(kid, alg)
     if not candidates:
-        return _Deny(Reason.KEY_UNKNOWN, "no key of this issuer matches kid and alg")
+        return _Deny(
+            Reason.KEY_UNKNOWN, "no key of this issuer matches kid and alg", issuer_id=issuer_id
+        )
     if not any(verify_signature(jws, key, alg) for key in candidates):
         return _Deny(Reason.SIGNATURE_INVALID)
 
-    return _subject_claims(claims, issuer_id, iss, audiences, now, ex.leeway)
+    return _subject_claims(claims, issuer_id, iss, audiences)
 
 
 def _number(value: Any) -> bool:
@@ -240,22 +296,18 @@ def _subject_claims(
     issuer_id: str,
     iss: str,
     audiences: frozenset[str] | None,
-    now: float,
-    leeway: int,
 ) -> Subject | _Deny:
     exp = claims.get("exp")
     if not _number(exp):
         return _Deny(Reason.CLAIM_INVALID, "exp missing or not a number")
-    if exp <= now - leeway:
-        return _Deny(Reason.TOKEN_EXPIRED)
+    not_before = float("-inf")
     for name in ("nbf", "iat"):
         value = claims.get(name)
         if value is None:
             continue
         if not _number(value):
             return _Deny(Reason.CLAIM_INVALID, f"{name} not a number")
-        if value > now + leeway:
-            return _Deny(Reason.TOKEN_NOT_YET_VALID, f"{name} in the future")
+        not_before = max(not_before, float(value))
 
     aud = claims.get("aud")
     token_audiences: tuple[str, ...]
@@ -283,7 +335,7 @@ def _subject_claims(
     if may_act is not None and not isinstance(may_act, dict):
         return _Deny(Reason.CLAIM_INVALID, "may_act malformed")
 
-    return Subject(issuer_id, iss, sub, int(exp), scopes, token_audiences, act, may_act)
+    return Subject(issuer_id, iss, sub, int(exp), scopes, token_audiences, act, may_act, not_before)
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str] | None:

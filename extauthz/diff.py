@@ -138,10 +138,8 @@ def _issuer(a: TrustedIssuer, b: TrustedIssuer) -> Iterator[Change]:
     ):
         for change in _sets(kind, None, x, y, WIDENS):
             yield Change(change.effect, change.kind, None, f"{label}: {change.detail}")
-    if a.jwks_file != b.jwks_file:
-        yield Change(
-            NEUTRAL, "issuer-jwks-changed", None, f"{label}: {a.jwks_file} -> {b.jwks_file}"
-        )
+    if a.jwks != b.jwks:
+        yield Change(NEUTRAL, "issuer-jwks-changed", None, f"{label}: {a.jwks} -> {b.jwks}")
 
 
 def _workloads(old: Policy, new: Policy) -> Iterator[Change]:

@@ -15,8 +15,10 @@ def load_issuer_keys(policy: Policy) -> dict[str, IssuerKeys]:
     problems: list[str] = []
     keys: dict[str, IssuerKeys] = {}
     for issuer in policy.issuers.values():
+        if issuer.jwks.file is None:
+            continue  # fetched from its URL in the background, never here
         try:
-            keys[issuer.id] = load_jwks_file(issuer.jwks_file)
+            keys[issuer.id] = load_jwks_file(issuer.jwks.file)
         except KeyLoadError as exc:
             problems.append(f"trusted issuer {issuer.id}: {exc}")
     if problems:

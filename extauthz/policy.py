@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -28,6 +29,8 @@ MAX_POLICY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_TTL = 300
 DEFAULT_LEEWAY = 30
 DEFAULT_MAX_TOKEN_BYTES = 8192
+DEFAULT_JWKS_REFRESH = 300
+DEFAULT_JWKS_TIMEOUT = 5
 HARD_MAX_TTL = 3600  # a minted token never lives longer than this, whatever a policy says
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -87,14 +90,32 @@ class Exchange:
 
 
 @dataclass(frozen=True, slots=True)
+class JwksSource:
+    """Where an issuer's keys come from: a file (reloaded on change) or a URL (fetched in the
+    background, refreshed every ``refresh`` seconds)."""
+
+    file: Path | None = None
+    url: str | None = None
+    refresh: int = 0
+    timeout: int = 0
+
+    def __str__(self) -> str:
+        return str(self.file) if self.file is not None else str(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class TrustedIssuer:
     id: str
     issuer: str
-    jwks_file: Path
+    jwks: JwksSource
     audiences: frozenset[str]
     algorithms: frozenset[str]
     token_types: frozenset[str]  # accepted header typ values, lower-case, no "application/"
     line: int | None = field(default=None, compare=False)
+    field_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, fieldpath: str) -> int | None:
+        return self.field_lines.get(fieldpath, self.line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,9 +309,14 @@ class _Checker:
         self.problems: list[Problem] = []
 
     def fail(
-        self, where: str, fieldpath: str, message: str, node: Any = None, key: str = ""
+        self,
+        where: str,
+        fieldpath: str,
+        message: str,
+        node: Any = None,
+        key: str = "",
+        line: int | None = None,
     ) -> None:
-        line = None
         if isinstance(node, yamlsrc.Located):
             line = node.line_of(key) if key else node.line
         code = PROBLEM_CODES.get(fieldpath, "invalid-policy")
@@ -529,13 +555,7 @@ class _Checker:
                 if exchange is not None and iss == exchange.issuer:
                     self.fail(w, "issuer", "is the exchange's own issuer", node, "issuer")
                 seen_iss.add(iss)
-            jwks = self.mapping(node, "jwks", w, "", required=True)
-            jwks_file: Path | None = None
-            if jwks is not None:
-                self.fields(jwks, {"file"}, w, "jwks.")
-                name = self.string(jwks, "file", w, "jwks.")
-                if name is not None:
-                    jwks_file = base_dir / name
+            jwks = self.jwks(self.mapping(node, "jwks", w, "", required=True), w, base_dir)
             audiences = self.strings(node, "audiences", w, "")
             algorithms = self.strings(node, "algorithms", w, "")
             for alg in algorithms or []:
@@ -549,26 +569,49 @@ class _Checker:
                         "algorithms",
                     )
             types = self.strings(node, "tokenTypes", w, "", required=False) or ["JWT", "at+jwt"]
-            if (
-                len(self.problems) == before
-                and ident
-                and iss
-                and jwks_file
-                and audiences
-                and algorithms
-            ):
+            if len(self.problems) == before and ident and iss and jwks and audiences and algorithms:
                 out.append(
                     TrustedIssuer(
                         id=ident,
                         issuer=iss,
-                        jwks_file=jwks_file,
+                        jwks=jwks,
                         audiences=frozenset(audiences),
                         algorithms=frozenset(algorithms),
                         token_types=frozenset(normal_typ(t) for t in types),
                         line=node.line,
+                        field_lines=_lines(
+                            node, "", ("issuer", "jwks", "audiences", "algorithms", "tokenTypes")
+                        ),
                     )
                 )
         return out
+
+    def jwks(self, node: Any, w: str, base_dir: Path) -> JwksSource | None:
+        if node is None:
+            return None
+        self.fields(node, {"file", "url", "refresh", "timeout"}, w, "jwks.")
+        if ("file" in node) == ("url" in node):
+            self.fail(w, "jwks", "give exactly one of file or url", node)
+            return None
+        if "file" in node:
+            if "refresh" in node or "timeout" in node:
+                self.fail(
+                    w, "jwks", "refresh and timeout go with url (files reload on change)", node
+                )
+            name = self.string(node, "file", w, "jwks.")
+            return JwksSource(file=base_dir / name) if name is not None else None
+        url = self.string(node, "url", w, "jwks.")
+        refresh = self.duration(node, "refresh", w, "jwks.", DEFAULT_JWKS_REFRESH)
+        timeout = self.duration(node, "timeout", w, "jwks.", DEFAULT_JWKS_TIMEOUT)
+        if url is None or refresh is None or timeout is None:
+            return None
+        parsed = urlsplit(url)
+        loopback = parsed.hostname in ("127.0.0.1", "::1", "localhost")
+        if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
+            self.fail(w, "jwks.url", "must be https:// (http only on loopback)", node, "url")
+        if refresh < 10 or timeout > 30:
+            self.fail(w, "jwks", "refresh must be at least 10s and timeout at most 30s", node)
+        return JwksSource(url=url, refresh=refresh, timeout=timeout)
 
     def workloads(self, node: Any) -> tuple[list[str], list[str]]:
         if node is None:
@@ -744,7 +787,7 @@ class _Checker:
             reexchange=reexchange is True,
             line=node.line,
             field_lines={
-                **_lines(node, "", ("id", "purpose", "mode", "reexchange")),
+                **_lines(node, "", ("id", "purpose", "match", "mode", "reexchange")),
                 **_lines(match, "match.", ("workloads", "host", "methods", "paths", "issuers")),
                 **_lines(require, "require.", ("scopes",)),
                 **_lines(grant_node, "grant.", ("audience", "scopes", "ttl")),
@@ -800,6 +843,7 @@ class _Checker:
                     "match",
                     f"overlaps rule {other.id!r} on {method} {leaf.template} for {workload} "
                     f"with issuer {iss!r}; make them disjoint",
+                    line=rule.line_of("match"),
                 )
                 return
             leaf.exact[(workload, iss)] = rule
@@ -817,6 +861,7 @@ class _Checker:
                     f"{workload!r} overlaps {other_pattern.text!r} of rule {other.id!r} on "
                     f"{method} {leaf.template} with issuer {iss!r}, equally specific; "
                     "make them disjoint",
+                    line=rule.line_of("match.workloads"),
                 )
                 return
         leaf.patterns.append((pattern, iss, rule))

@@ -8,6 +8,7 @@ RPC that ``failure_mode_allow`` could turn into an allow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -16,11 +17,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from . import metrics
 from .core import Decision, Snapshot, decide
 from .decision_log import DecisionLog
 from .edge import check_input, check_response, deny_response
@@ -45,10 +48,12 @@ class Sidecar:
         snapshot: Snapshot | None,
         decision_log: DecisionLog,
         clock: Callable[[], float] = time.time,
+        on_unknown_kid: Callable[[str], None] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.decision_log = decision_log
         self.clock = clock
+        self.on_unknown_kid = on_unknown_kid
 
     def check(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
@@ -67,11 +72,31 @@ class Sidecar:
             log.exception("internal error while deciding; denying")
             decision = Decision(Reason.INTERNAL_ERROR, "internal error")
             response = deny_response(Reason.INTERNAL_ERROR)
+        elapsed = time.perf_counter() - started
         try:
-            self.decision_log.write(decision, time.perf_counter() - started, request_id, now)
+            self._account(decision, elapsed)
+            self.decision_log.write(decision, elapsed, request_id, now)
         except Exception:
-            log.exception("decision log write failed")
+            log.exception("recording the decision failed")
         return response
+
+    def _account(self, decision: Decision, elapsed: float) -> None:
+        rule = decision.rule.id if decision.rule else ""
+        metrics.DECISIONS.labels(
+            decision="allow" if decision.allowed else "deny",
+            reason=decision.reason.code,
+            rule=rule,
+            shadow="true" if decision.shadow else "false",
+        ).inc()
+        metrics.DECISION_SECONDS.observe(elapsed)
+        if decision.token is not None:
+            metrics.TOKENS_MINTED.labels(rule=rule).inc()
+        if (
+            decision.reason is Reason.KEY_UNKNOWN
+            and decision.issuer_id
+            and self.on_unknown_kid is not None
+        ):
+            self.on_unknown_kid(decision.issuer_id)
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
@@ -84,12 +109,6 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
         return self._sidecar.check(request)
 
 
-@dataclass(frozen=True, slots=True)
-class Addresses:
-    grpc: str
-    admin: str | None
-
-
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -97,11 +116,19 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-class AdminServer:
-    """A small HTTP/1.1 server for probes and the published JWKS. GET only, no keep-alive."""
+class Status(Protocol):
+    """What the admin port reports on; one process, or a supervisor of workers."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
-        self._sidecar = sidecar
+    def ready(self) -> bool: ...
+    def snapshot(self) -> Snapshot | None: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+class AdminServer:
+    """A small HTTP/1.1 server: probes, metrics, status and the published JWKS. GET only."""
+
+    def __init__(self, source: Status) -> None:
+        self._source = source
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, address: str) -> int:
@@ -115,24 +142,29 @@ class AdminServer:
             await self._server.wait_closed()
 
     def route(self, method: str, path: str) -> tuple[int, str, bytes]:
-        snap = self._sidecar.snapshot
         path = path.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
-            if snap is None:
-                return 503, "text/plain", b"not ready: no policy or key loaded\n"
-            return 200, "text/plain", b"ready\n"
+            if self._source.ready():
+                return 200, "text/plain", b"ready\n"
+            return 503, "text/plain", b"not ready\n"
         if path == "/.well-known/jwks.json":
+            snap = self._source.snapshot()
             if snap is None:
                 return 503, "application/json", b'{"keys":[]}'
-            document = jwks_document(snap.signing_keys)
-            return 200, "application/json", json.dumps(document).encode()
+            return 200, "application/json", json.dumps(jwks_document(snap.signing_keys)).encode()
+        if path == "/metrics":
+            body, ctype = metrics.render()
+            return 200, ctype, body
+        if path == "/statusz":
+            return 200, "application/json", json.dumps(self._source.status(), indent=2).encode()
         return 404, "text/plain", b"not found\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        method = "GET"
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
             if len(head) > MAX_ADMIN_REQUEST:
@@ -142,67 +174,132 @@ class AdminServer:
             status, ctype, body = self.route(method, path)
         except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             status, ctype, body = 400, "text/plain", b"bad request\n"
-            method = "GET"
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+        except Exception:
+            log.exception("admin request failed")
+            status, ctype, body = 500, "text/plain", b"internal error\n"
+        phrase = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
         head_out = (
-            f"HTTP/1.1 {status} {reason.get(status, 'Service Unavailable')}\r\n"
+            f"HTTP/1.1 {status} {phrase.get(status, 'Service Unavailable')}\r\n"
             f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
             "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
         ).encode("latin-1")
         try:
             writer.write(head_out + (b"" if method == "HEAD" else body))
             await writer.drain()
+        except ConnectionError:
+            pass
         finally:
             writer.close()
 
 
-async def serve(
-    sidecar: Sidecar, addresses: Addresses, *, grace: float = 5.0, stop: asyncio.Event | None = None
-) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain in-flight checks."""
-    server = grpc.aio.server(
-        # Without this, a second server could bind the same port and silently share traffic.
-        options=[("grpc.so_reuseport", 0)]
-    )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationService(sidecar), server
-    )
-    health_service = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    port = server.add_insecure_port(addresses.grpc)
-    if port == 0:
-        raise OSError(f"cannot listen on {addresses.grpc}")
-    await server.start()
-    admin = AdminServer(sidecar)
-    admin_port = await admin.start(addresses.admin) if addresses.admin else None
-    serving = health_pb2.HealthCheckResponse.SERVING
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    status = serving if sidecar.snapshot is not None else not_serving
-    for name in ("", AUTHZ_SERVICE):
-        await health_service.set(name, status)
-    grpc_host = addresses.grpc.rpartition(":")[0]
-    log.info(
-        "serving ext_authz on %s:%d, admin on %s",
-        grpc_host,
-        port,
-        f"{split_address(addresses.admin)[0]}:{admin_port}" if addresses.admin else "(off)",
-    )
+class GrpcFront:
+    """The gRPC server: ext_authz Check and grpc.health.v1, SERVING only while loaded."""
 
+    def __init__(self, sidecar: Sidecar) -> None:
+        # Without so_reuseport=0 a second server could bind the same port and share traffic.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationService(sidecar), self.server
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._sidecar = sidecar
+
+    async def start(self, address: str) -> int:
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await self.server.start()
+        await self.set_serving(self._sidecar.snapshot is not None)
+        return port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        for name in ("", AUTHZ_SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
+        # NOT_SERVING first and keep answering for drain_delay, so Envoy's health checks
+        # steer new checks elsewhere before we refuse them; then finish what is in flight.
+        await self.set_serving(False)
+        if drain_delay > 0:
+            await asyncio.sleep(drain_delay)
+        await self.server.stop(grace)
+
+
+async def run_until_signalled(
+    on_reload: Callable[[], None], stop: asyncio.Event | None = None
+) -> asyncio.Event:
+    """Install SIGTERM/SIGINT (stop) and SIGHUP (reload) handlers; return the stop event."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    return stop
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    grpc: str | None
+    admin: str | None
+
+
+async def serve_single(
+    sidecar: Sidecar,
+    runtime: Any,
+    addresses: Addresses,
+    *,
+    grace: float = 10.0,
+    drain_delay: float = 0.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """One process: gRPC front, admin port and the reload loop, until SIGTERM."""
+
+    class _Source:
+        def ready(self) -> bool:
+            return sidecar.snapshot is not None
+
+        def snapshot(self) -> Snapshot | None:
+            return sidecar.snapshot
+
+        def status(self) -> dict[str, Any]:
+            return dict(runtime.status())
+
+    front = GrpcFront(sidecar) if addresses.grpc else None
+    admin = AdminServer(_Source()) if addresses.admin else None
+    stop = await run_until_signalled(runtime.request_reload, stop)
+    if front is not None:
+        assert addresses.grpc is not None
+        port = await front.start(addresses.grpc)
+        log.info("ext_authz gRPC on %s:%d", addresses.grpc.rpartition(":")[0], port)
+    if admin is not None:
+        assert addresses.admin is not None
+        admin_port = await admin.start(addresses.admin)
+        log.info("admin HTTP on %s:%d", split_address(addresses.admin)[0], admin_port)
+    reloader = asyncio.create_task(runtime.run(stop))
     await stop.wait()
-    log.info("stopping: draining in-flight checks for up to %.1fs", grace)
-    for name in ("", AUTHZ_SERVICE):
-        await health_service.set(name, not_serving)
-    await admin.stop()
-    await server.stop(grace)
+    log.info(
+        "stopping: NOT_SERVING for %.1fs, then up to %.1fs for in-flight checks", drain_delay, grace
+    )
+    if front is not None:
+        await front.stop(grace, drain_delay)
+    if admin is not None:
+        await admin.stop()
+    reloader.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reloader
 
 
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    )
     root = logging.getLogger("extauthz")
     root.handlers[:] = [handler]
     root.setLevel(level)

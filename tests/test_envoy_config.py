@@ -23,6 +23,7 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extauthz.demo.echo import EchoServer
 from extauthz.demo.pki import Pki, make_pki, x5t_s256
@@ -367,6 +368,12 @@ def allow_stack(
     servicer = _AllowAll()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+    # The shipped cluster health-checks its endpoints; an unhealthy one gets no checks.
+    health_servicer = health.HealthServicer()
+    health_servicer.set(
+        "envoy.service.auth.v3.Authorization", health_pb2.HealthCheckResponse.SERVING
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     authz_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

@@ -1,0 +1,152 @@
+"""Issuer JWKS fetched from URLs, in the background, never on the request path.
+
+Each URL issuer has a task that fetches on start, then every ``refresh`` seconds, and sooner
+when a request named a kid we do not have (at most once per ``UNKNOWN_KID_INTERVAL``). A failed
+fetch keeps the keys we had (stale beats none while the issuer is unreachable) and retries with
+backoff. Fetches run in a thread with a timeout and a size cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from . import metrics
+from .errors import KeyLoadError
+from .jose import MAX_JWKS_BYTES, IssuerKeys, parse_jwks
+from .policy import TrustedIssuer
+
+log = logging.getLogger("extauthz.jwks")
+UNKNOWN_KID_INTERVAL = 5.0  # seconds between refetches triggered by unknown kids
+RETRY_MIN = 1.0
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        # A JWKS URL that redirects could be steered elsewhere; issuers publish a stable URL.
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
+
+
+def fetch_jwks(url: str, timeout: float) -> IssuerKeys:
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked at policy load
+        url, headers={"Accept": "application/json", "User-Agent": "extauthz"}
+    )
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            if response.status != 200:
+                raise KeyLoadError(f"{url}: HTTP {response.status}")
+            data = response.read(MAX_JWKS_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise KeyLoadError(f"{url}: HTTP {exc.code}") from exc
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise KeyLoadError(f"{url}: {reason}") from exc
+    return parse_jwks(data)
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    url: str
+    refresh: float
+    timeout: float
+
+
+class RemoteJwks:
+    """Keeps the keys of every URL issuer fresh and reports each change through ``on_change``."""
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self._on_change = on_change
+        self.keys: dict[str, IssuerKeys] = {}
+        self.last_success: dict[str, float] = {}
+        self.last_error: dict[str, str] = {}
+        self._sources: dict[str, _Source] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._last_forced: dict[str, float] = {}
+
+    def configure(self, issuers: Iterable[TrustedIssuer]) -> None:
+        """Follow the policy: start tasks for new URL issuers, stop removed ones. Keys of an
+        issuer whose URL did not change are kept."""
+        wanted = {
+            i.id: _Source(i.jwks.url, i.jwks.refresh, i.jwks.timeout)
+            for i in issuers
+            if i.jwks.url is not None
+        }
+        for ident in list(self._sources):
+            new = wanted.get(ident)
+            if new == self._sources[ident]:
+                continue
+            self._tasks.pop(ident).cancel()
+            self._wake.pop(ident, None)
+            old = self._sources.pop(ident)
+            if new is None or new.url != old.url:
+                self.keys.pop(ident, None)
+                self.last_error.pop(ident, None)
+                self.last_success.pop(ident, None)
+        for ident, source in wanted.items():
+            if ident not in self._sources:
+                self._sources[ident] = source
+                self._wake[ident] = asyncio.Event()
+                self._tasks[ident] = asyncio.create_task(self._run(ident, source))
+
+    async def first_fetch(self, deadline: float) -> None:
+        """Wait (up to ``deadline`` seconds) until every URL issuer was tried once."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            pending = [i for i in self._sources if i not in self.keys and i not in self.last_error]
+            if not pending:
+                return
+            await asyncio.sleep(0.05)
+
+    def unknown_kid(self, issuer_id: str) -> None:
+        """A request named a key we do not have: fetch again soon, but not for every request."""
+        wake = self._wake.get(issuer_id)
+        if wake is None:
+            return
+        now = time.monotonic()
+        if now - self._last_forced.get(issuer_id, -1e9) >= UNKNOWN_KID_INTERVAL:
+            self._last_forced[issuer_id] = now
+            wake.set()
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._sources.clear()
+
+    async def _run(self, ident: str, source: _Source) -> None:
+        failures = 0
+        while True:
+            try:
+                keys = await asyncio.to_thread(fetch_jwks, source.url, source.timeout)
+            except KeyLoadError as exc:
+                failures += 1
+                self.last_error[ident] = str(exc)
+                metrics.JWKS_FETCHES.labels(issuer=ident, result="failure").inc()
+                stale = "keeping the keys we had" if ident in self.keys else "no keys yet"
+                log.warning("JWKS fetch for issuer %s failed (%s): %s", ident, stale, exc)
+                wait = min(source.refresh, RETRY_MIN * 2 ** min(failures, 8))
+            else:
+                failures = 0
+                self.last_error.pop(ident, None)
+                self.last_success[ident] = time.time()
+                metrics.JWKS_FETCHES.labels(issuer=ident, result="success").inc()
+                if self.keys.get(ident) != keys:
+                    self.keys[ident] = keys
+                    self._on_change()
+                wait = source.refresh
+            wake = self._wake[ident]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=wait)
+            wake.clear()

@@ -1,0 +1,326 @@
+"""Keeping the Snapshot current: hot reload of the policy, signing keys and issuer JWKS.
+
+Kubernetes updates a mounted ConfigMap or Secret by writing a new timestamped directory and
+renaming the ``..data`` symlink over to it, so a file's path stays the same while the file it
+resolves to changes. We poll: each tick stats every input by its resolved path; when anything
+differs we read and compile everything again in a worker thread, off the request path, and
+swap the Snapshot in one assignment. A bad update is logged and counted and changes nothing.
+
+Which key signs: key files sorted by path; the last one signs once it has been published (seen
+by this process) for ``key_activation_delay`` seconds, the one before it until then. Keys
+present when the process starts count as already published. Every loaded key is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import metrics
+from .core import Snapshot, SubjectCache
+from .errors import ExtauthzError, KeyLoadError, PolicyError
+from .jose import IssuerKeys, SigningKey, load_signing_key
+from .jwks_remote import RemoteJwks
+from .loader import load_issuer_keys, own_keys
+from .policy import Policy, load_policy
+
+log = logging.getLogger("extauthz.reload")
+FIRST_FETCH_WAIT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What was read from disk in one go."""
+
+    policy: Policy
+    file_keys: dict[str, IssuerKeys]
+    signing: tuple[tuple[str, SigningKey], ...]  # (path, key), sorted by path
+    digest: str  # over the contents of every input, to skip no-op reloads
+
+
+def key_files(paths: Sequence[Path]) -> list[Path]:
+    """Files named directly, and every regular file in directories named (a mounted Secret:
+    its ``..data`` machinery starts with a dot and is skipped)."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out.extend(
+                path / name
+                for name in sorted(os.listdir(path))
+                if not name.startswith(".") and (path / name).is_file()
+            )
+        else:
+            out.append(path)
+    return sorted(out, key=str)
+
+
+def read_inputs(policy_path: Path, key_paths: Sequence[Path]) -> Loaded:
+    policy = load_policy(policy_path)
+    file_keys = load_issuer_keys(policy)
+    files = key_files(key_paths)
+    if not files:
+        raise KeyLoadError("no signing key file found in " + ", ".join(map(str, key_paths)))
+    signing = tuple((str(p), load_signing_key(p)) for p in files)
+    digest = hashlib.sha256()
+    digest.update(policy.digest.encode())
+    for ident in sorted(file_keys):
+        digest.update(f"{ident}:{sorted(file_keys[ident].by_kid)}".encode())
+    for path, key in signing:
+        digest.update(f"{path}:{key.kid}".encode())
+    return Loaded(policy, file_keys, signing, digest.hexdigest())
+
+
+def _stat(path: Path) -> tuple[Any, ...]:
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        return (str(path), real, st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError as exc:
+        return (str(path), "missing", exc.errno)
+
+
+def _count_cache_lookup(hit: bool) -> None:
+    metrics.CACHE.labels(cache="subject", result="hit" if hit else "miss").inc()
+
+
+class Runtime:
+    """Owns the current Snapshot of a Sidecar and keeps it in step with the files."""
+
+    def __init__(
+        self,
+        install: Callable[[Snapshot | None], None],
+        policy_path: Path,
+        key_paths: Sequence[Path],
+        *,
+        poll_interval: float = 2.0,
+        key_activation_delay: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        dev_key: SigningKey | None = None,
+        subject_cache_size: int = 10_000,
+    ) -> None:
+        self._install = install
+        self.policy_path = policy_path
+        self.key_paths = list(key_paths)
+        self.poll_interval = poll_interval
+        self.key_activation_delay = key_activation_delay
+        self.clock = clock
+        self.dev_key = dev_key
+        self.subject_cache_size = subject_cache_size
+        self.remote = RemoteJwks(on_change=self._remote_changed)
+        self.loaded: Loaded | None = None
+        self.snapshot: Snapshot | None = None
+        self.generation = 0
+        self.last_error: str | None = None
+        self.last_reload: float | None = None
+        self._fingerprint: tuple[Any, ...] | None = None
+        self._first_seen: dict[str, float] = {}
+        self._wake: asyncio.Event | None = None
+
+    # -- reading --
+
+    def _read(self) -> Loaded:
+        if self.dev_key is not None:
+            policy = load_policy(self.policy_path)
+            return Loaded(
+                policy,
+                load_issuer_keys(policy),
+                (("(dev)", self.dev_key),),
+                policy.digest,
+            )
+        return read_inputs(self.policy_path, self.key_paths)
+
+    def fingerprint(self) -> tuple[Any, ...]:
+        watched = [self.policy_path]
+        if self.loaded is not None:
+            watched += [i.jwks.file for i in self.loaded.policy.issuers.values() if i.jwks.file]
+        if self.dev_key is None:
+            watched += self.key_paths
+            for path in self.key_paths:
+                if path.is_dir():
+                    watched += key_files([path])
+        return tuple(_stat(p) for p in watched)
+
+    def load_initial(self) -> None:
+        """Load synchronously before serving; raise (and refuse to start) if anything is bad."""
+        self._fingerprint = self.fingerprint()
+        loaded = self._read()
+        for _path, key in loaded.signing:
+            self._first_seen.setdefault(key.kid, float("-inf"))
+        self._accept(loaded)
+        self._fingerprint = self.fingerprint()
+
+    # -- the loop --
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._wake = asyncio.Event()
+        if self.loaded is not None:
+            self.remote.configure(self.loaded.policy.issuers.values())
+            await self.remote.first_fetch(FIRST_FETCH_WAIT)
+        try:
+            while not stop.is_set():
+                forced = await self._sleep(stop)
+                if stop.is_set():
+                    break
+                await self.check(force=forced)
+        finally:
+            await self.remote.close()
+
+    async def _sleep(self, stop: asyncio.Event) -> bool:
+        assert self._wake is not None
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=self.poll_interval, return_when="FIRST_COMPLETED")
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        forced = self._wake.is_set()
+        self._wake.clear()
+        return forced
+
+    def request_reload(self) -> None:
+        """SIGHUP: read everything again now, changed or not."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def check(self, *, force: bool = False) -> None:
+        fingerprint = await asyncio.to_thread(self.fingerprint)
+        if force or fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            try:
+                loaded = await asyncio.to_thread(self._read)
+            except ExtauthzError as exc:
+                self._failed(exc)
+            else:
+                now = self.clock()
+                for _path, key in loaded.signing:
+                    self._first_seen.setdefault(key.kid, now)
+                self._accept(loaded)
+                # The policy may name other JWKS files now: watch those from here on.
+                self._fingerprint = await asyncio.to_thread(self.fingerprint)
+        else:
+            self._swap()  # a waiting key may have become due to sign
+
+    def _failed(self, exc: ExtauthzError) -> None:
+        if isinstance(exc, PolicyError):
+            message = f"policy has {len(exc.problems)} problem(s): " + "; ".join(
+                str(p) for p in exc.problems[:5]
+            )
+        else:
+            message = str(exc)
+        self.last_error = message
+        metrics.RELOADS.labels(result="failure").inc()
+        log.error("reload failed, keeping generation %d: %s", self.generation, message)
+
+    def _accept(self, loaded: Loaded) -> None:
+        if self.loaded is not None and loaded.digest == self.loaded.digest:
+            self._swap()
+            return
+        self.loaded = loaded
+        self.last_error = None
+        self.last_reload = self.clock()
+        if self.generation > 0:
+            metrics.RELOADS.labels(result="success").inc()
+        live = {key.kid for _path, key in loaded.signing}
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
+        if self._wake is not None:
+            self.remote.configure(loaded.policy.issuers.values())
+        self._swap()
+
+    def _remote_changed(self) -> None:
+        self._swap()
+
+    # -- composing the Snapshot --
+
+    def signing_order(self, loaded: Loaded) -> list[SigningKey]:
+        """The active key first, then the rest in path order (all of them are published)."""
+        keys = [key for _path, key in loaded.signing]
+        now = self.clock()
+        due = [
+            k for k in keys if self._first_seen.get(k.kid, now) + self.key_activation_delay <= now
+        ]
+        # If nothing was published long enough (every earlier key was removed at once), sign
+        # with the newest rather than not at all.
+        active = due[-1] if due else keys[-1]
+        return [active, *(k for k in keys if k is not active)]
+
+    def _swap(self) -> None:
+        loaded = self.loaded
+        if loaded is None:
+            return
+        order = self.signing_order(loaded)
+        issuer_keys = dict(loaded.file_keys)
+        for ident, issuer in loaded.policy.issuers.items():
+            if issuer.jwks.url is not None and ident in self.remote.keys:
+                issuer_keys[ident] = self.remote.keys[ident]
+        current = self.snapshot
+        if (
+            current is not None
+            and current.policy is loaded.policy
+            and [k.kid for k in current.signing_keys] == [k.kid for k in order]
+            and current.issuer_keys == issuer_keys
+        ):
+            return
+        snapshot = Snapshot(
+            policy=loaded.policy,
+            issuer_keys=issuer_keys,
+            signing_keys=tuple(order),
+            own_keys=own_keys(order),
+            # A new snapshot starts with an empty cache: nothing verified under old keys or an
+            # old policy survives a reload.
+            subject_cache=SubjectCache(self.subject_cache_size, _count_cache_lookup),
+        )
+        self.snapshot = snapshot
+        self.generation += 1
+        self._install(snapshot)
+        metrics.POLICY_GENERATION.set(self.generation)
+        metrics.POLICY_RULES.set(len(loaded.policy.rules))
+        metrics.set_signing_keys([k.kid for k in order])
+        metrics.READY.set(1)
+        log.info(
+            "generation %d: policy %s (%d rules, sha256 %s), signing kid %s, %d key(s) published",
+            self.generation,
+            loaded.policy.source,
+            len(loaded.policy.rules),
+            loaded.policy.digest[:12],
+            order[0].kid,
+            len(order),
+        )
+
+    # -- what the sidecar runs --
+
+    def status(self) -> dict[str, Any]:
+        snap = self.snapshot
+        issuers = {}
+        if snap is not None:
+            for ident, issuer in snap.policy.issuers.items():
+                keys = snap.issuer_keys.get(ident)
+                issuers[ident] = {
+                    "issuer": issuer.issuer,
+                    "jwks": str(issuer.jwks),
+                    "keys": sorted(keys.by_kid) if keys else [],
+                    "last_fetch": self.remote.last_success.get(ident),
+                    "last_fetch_error": self.remote.last_error.get(ident),
+                }
+        return {
+            "ready": snap is not None,
+            "generation": self.generation,
+            "policy": {
+                "source": snap.policy.source if snap else str(self.policy_path),
+                "sha256": snap.policy.digest if snap else None,
+                "rules": len(snap.policy.rules) if snap else 0,
+                "shadow": snap.policy.shadow if snap else False,
+            },
+            "signing_kid": snap.signing_key.kid if snap else None,
+            "published_kids": [k.kid for k in snap.signing_keys] if snap else [],
+            "issuers": issuers,
+            "last_reload": self.last_reload,
+            "last_reload_error": self.last_error,
+            "pid": os.getpid(),
+        }

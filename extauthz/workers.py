@@ -1,0 +1,185 @@
+"""``--workers N``: N sidecar processes, one gRPC port each, under one supervisor.
+
+Envoy's gRPC client holds one HTTP/2 connection per endpoint and Envoy worker, so processes
+sharing one port through SO_REUSEPORT would not share Envoy's load. Each worker therefore
+listens on its own port (base, base+1, ...) and Envoy lists them all as endpoints of the
+extauthz cluster. Every worker loads and reloads the policy on its own. The supervisor runs
+the admin port: readiness (its own snapshot and every worker SERVING), the JWKS, the status,
+and metrics added up over all workers (prometheus multiprocess mode). SIGHUP is passed on;
+SIGTERM drains every worker and exits 0 when they all did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from . import metrics
+from .core import Snapshot
+from .server import AdminServer, run_until_signalled, split_address
+
+log = logging.getLogger("extauthz.workers")
+RESTART_DELAY = 1.0
+HEALTH_INTERVAL = 0.5
+
+
+def worker_addresses(grpc_address: str, count: int) -> list[str]:
+    host, port = split_address(grpc_address)
+    if port == 0:
+        raise ValueError(
+            "--workers needs a fixed --grpc-address port (workers use port, port+1, ...)"
+        )
+    return [f"{host}:{port + i}" for i in range(count)]
+
+
+class Worker:
+    def __init__(self, index: int, address: str, command: list[str]) -> None:
+        self.index = index
+        self.address = address
+        self.command = command
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.serving = False
+
+    def start(self) -> None:
+        # stdout is inherited: each decision-log line is one write, well under PIPE_BUF.
+        self.proc = subprocess.Popen(self.command)
+        log.info("worker %d (pid %d) on %s", self.index, self.proc.pid, self.address)
+
+
+class Supervisor:
+    def __init__(self, runtime: Any, worker_argv: Sequence[str], addresses: list[str]) -> None:
+        self.runtime = runtime
+        self.workers = [
+            Worker(
+                i,
+                address,
+                [
+                    sys.executable,
+                    "-m",
+                    "extauthz",
+                    "serve",
+                    *worker_argv,
+                    "--grpc-address",
+                    address,
+                    "--admin-address",
+                    "",
+                    "--worker",
+                ],
+            )  # fmt: skip
+            for i, address in enumerate(addresses)
+        ]
+        self.stopping = False
+
+    # -- Status for the admin port --
+
+    def ready(self) -> bool:
+        return self.runtime.snapshot is not None and all(w.serving for w in self.workers)
+
+    def snapshot(self) -> Snapshot | None:
+        snap: Snapshot | None = self.runtime.snapshot
+        return snap
+
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = dict(self.runtime.status())
+        doc["workers"] = [
+            {
+                "index": w.index,
+                "address": w.address,
+                "pid": w.proc.pid if w.proc else None,
+                "serving": w.serving,
+            }
+            for w in self.workers
+        ]
+        return doc
+
+    # -- lifecycle --
+
+    async def run(self, admin_address: str | None, grace: float, drain_delay: float = 0.0) -> int:
+        stop = await run_until_signalled(self._reload)
+        for worker in self.workers:
+            worker.start()
+        admin = AdminServer(self) if admin_address else None
+        if admin is not None:
+            assert admin_address is not None
+            port = await admin.start(admin_address)
+            log.info("admin HTTP on %s:%d (all workers)", split_address(admin_address)[0], port)
+        tasks = [asyncio.create_task(self._watch(w)) for w in self.workers]
+        tasks.append(asyncio.create_task(self.runtime.run(stop)))
+        await stop.wait()
+        self.stopping = True
+        log.info("stopping %d worker(s)", len(self.workers))
+        for worker in self.workers:
+            if worker.proc and worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGTERM)
+        deadline = grace + drain_delay + 5
+        codes = await asyncio.gather(*(self._reap(w, deadline) for w in self.workers))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if admin is not None:
+            await admin.stop()
+        return 0 if all(code == 0 for code in codes) else 1
+
+    def _reload(self) -> None:
+        self.runtime.request_reload()
+        for worker in self.workers:
+            if worker.proc and worker.proc.poll() is None:
+                worker.proc.send_signal(signal.SIGHUP)
+
+    async def _reap(self, worker: Worker, timeout: float) -> int | None:
+        proc = worker.proc
+        if proc is None:
+            return None
+        try:
+            code = await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+        except TimeoutError:
+            log.error("worker %d did not drain in time; killing it", worker.index)
+            proc.kill()
+            code = await asyncio.to_thread(proc.wait)
+        metrics.mark_process_dead(proc.pid)
+        return code
+
+    async def _watch(self, worker: Worker) -> None:
+        """Follow one worker's health; restart it if it dies while we are not stopping."""
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                proc = worker.proc
+                if proc is not None and proc.poll() is not None and not self.stopping:
+                    worker.serving = False
+                    metrics.mark_process_dead(proc.pid)
+                    log.error("worker %d exited with %s; restarting", worker.index, proc.returncode)
+                    await asyncio.sleep(RESTART_DELAY)
+                    worker.start()
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    worker.serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                except grpc.aio.AioRpcError:
+                    worker.serving = False
+                await asyncio.sleep(HEALTH_INTERVAL)
+
+
+def prepare_multiprocess_metrics() -> str:
+    """Must run before prometheus_client is imported anywhere in this process."""
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="extauthz-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
+
+
+def cleanup_multiprocess_metrics(directory: str) -> None:
+    import shutil
+
+    with contextlib.suppress(OSError):
+        shutil.rmtree(directory)
