@@ -15,7 +15,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import paths
-from .identity import certificate_thumbprint, parse_spiffe_id, parse_xfcc
+from .identity import (
+    SpiffeId,
+    certificate_thumbprint,
+    parse_spiffe_id,
+    parse_xfcc,
+    xfcc_hash_thumbprint,
+)
 from .jose import IssuerKeys, SigningKey, TokenFormatError, parse_compact, verify_signature
 from .policy import SELF_ISSUER_ID, Policy, Rule, normal_typ, normalise_host
 from .reasons import Reason
@@ -163,9 +169,10 @@ def evaluate(inp: CheckInput, snap: Snapshot, now: float, new_id: Callable[[], s
     if isinstance(subject, _Deny):
         return Decision(subject.reason, subject.detail, issuer_id=subject.issuer_id)
 
-    caller = identify(inp, policy)
-    if isinstance(caller, _Deny):
-        return Decision(caller.reason, caller.detail, subject=subject)
+    identified = identify(inp, policy)
+    if isinstance(identified, _Deny):
+        return Decision(identified.reason, identified.detail, subject=subject)
+    caller = identified.spiffe_id
 
     request = request_of(inp)
     if request is None:
@@ -179,8 +186,7 @@ def evaluate(inp: CheckInput, snap: Snapshot, now: float, new_id: Callable[[], s
             rule.reason, rule.detail, rule.rule, caller=caller, subject=subject, request=request
         )
 
-    thumb = certificate_thumbprint(inp.peer_certificate) if inp.peer_certificate else None
-    claims = narrow(subject, rule, caller, request, thumb, policy, int(now), new_id)
+    claims = narrow(subject, rule, caller, request, identified.thumbprint, policy, int(now), new_id)
     if isinstance(claims, _Deny):
         return Decision(
             claims.reason, claims.detail, rule=rule, caller=caller, subject=subject, request=request
@@ -359,6 +365,18 @@ def _scopes(claims: Mapping[str, Any]) -> frozenset[str] | None:
     return frozenset(items)
 
 
+def actor_chain(act: Mapping[str, Any]) -> dict[str, Any]:
+    """The subject's delegation chain reduced to who acted (``sub``, and ``iss`` when given):
+    other members of ``act`` are not ours to pass on."""
+    out: dict[str, Any] = {"sub": act["sub"]}
+    if isinstance(act.get("iss"), str):
+        out["iss"] = act["iss"]
+    inner = act.get("act")
+    if isinstance(inner, dict):
+        out["act"] = actor_chain(inner)
+    return out
+
+
 def _valid_act(act: Any, depth: int) -> bool:
     if depth == 0 or not isinstance(act, dict) or not isinstance(act.get("sub"), str):
         return False
@@ -369,24 +387,32 @@ def _valid_act(act: Any, depth: int) -> bool:
 # --- identify ----------------------------------------------------------------------------------
 
 
-def identify(inp: CheckInput, policy: Policy) -> str | _Deny:
-    """The caller's SPIFFE ID: the mTLS peer (``source.principal``), or, only when that peer is
-    a named trusted hop, the client certificate that hop vouches for in its XFCC element."""
+@dataclass(frozen=True, slots=True)
+class Caller:
+    spiffe_id: str
+    thumbprint: str | None  # x5t#S256 of the caller's own certificate, when known
+
+
+def identify(inp: CheckInput, policy: Policy) -> Caller | _Deny:
+    """The caller: the mTLS peer (``source.principal``, and its certificate when Envoy sends
+    it), or, only when that peer is a named trusted hop, the client that hop vouches for in
+    its XFCC element (and that element's certificate hash)."""
     peer = parse_spiffe_id(inp.principal) if inp.principal else None
     if peer is None:
         return _Deny(Reason.WORKLOAD_UNIDENTIFIED, "source.principal is not a SPIFFE ID")
-    caller = str(peer)
-    if caller in policy.xfcc_trusted_hops:
-        vouched = _from_trusted_hop(inp.headers.get("x-forwarded-client-cert", ""), caller)
+    thumbprint = certificate_thumbprint(inp.peer_certificate) if inp.peer_certificate else None
+    if str(peer) in policy.xfcc_trusted_hops:
+        vouched = _from_trusted_hop(inp.headers.get("x-forwarded-client-cert", ""), str(peer))
         if vouched is None:
             return _Deny(Reason.WORKLOAD_UNIDENTIFIED, "trusted hop sent no usable XFCC element")
-        peer, caller = vouched, str(vouched)
+        # The peer certificate is the hop's own: never bind the caller's token to it.
+        peer, thumbprint = vouched
     if peer.trust_domain not in policy.trust_domains:
         return _Deny(Reason.WORKLOAD_UNTRUSTED, "trust domain not trusted")
-    return caller
+    return Caller(str(peer), thumbprint)
 
 
-def _from_trusted_hop(xfcc: str, hop: str) -> Any:
+def _from_trusted_hop(xfcc: str, hop: str) -> tuple[SpiffeId, str | None] | None:
     if not xfcc:
         return None
     try:
@@ -400,7 +426,11 @@ def _from_trusted_hop(xfcc: str, hop: str) -> Any:
     uris = last.get("uri", [])
     if len(uris) != 1:
         return None
-    return parse_spiffe_id(uris[0])
+    caller = parse_spiffe_id(uris[0])
+    if caller is None:
+        return None
+    hashes = last.get("hash", [])
+    return caller, xfcc_hash_thumbprint(hashes[0]) if len(hashes) == 1 else None
 
 
 # --- authorize ---------------------------------------------------------------------------------
@@ -456,7 +486,7 @@ def narrow(
         return _Deny(Reason.TOKEN_EXPIRED, "subject token expires now")
     act: dict[str, Any] = {"sub": caller}
     if subject.act is not None:
-        act["act"] = subject.act
+        act["act"] = actor_chain(subject.act)
     jti = new_id()
     claims: dict[str, Any] = {
         "iss": policy.exchange.issuer,

@@ -73,6 +73,18 @@ def certificate_thumbprint(cert_pem: str) -> str | None:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+def xfcc_hash_thumbprint(hex_digest: str) -> str | None:
+    """XFCC ``Hash`` is the hex SHA-256 of the client certificate's DER; ``x5t#S256`` is the
+    same digest in base64url."""
+    if len(hex_digest) != 64:
+        return None
+    try:
+        digest = bytes.fromhex(hex_digest)
+    except ValueError:
+        return None
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
 _MAX_XFCC = 16384
 
 

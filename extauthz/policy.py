@@ -255,7 +255,10 @@ class Policy:
 
 
 def normalise_host(host: str) -> str:
-    """Lower-case, without a port or a trailing dot. Rules name hosts without ports."""
+    """Lower-case, without a port or a trailing dot. Rules name hosts without ports. A
+    non-ASCII host matches nothing (Unicode case folding would turn a Kelvin sign into 'k')."""
+    if not host.isascii():
+        return ""
     host = host.strip().lower()
     if host.startswith("["):
         end = host.find("]")
@@ -427,10 +430,10 @@ class _Checker:
         issuers = self.issuers(doc.get("trustedIssuers"), doc, base_dir, exchange)
         trust_domains, hops = self.workloads(self.mapping(doc, "workloads", "", "", required=True))
         rules = self.rules(doc.get("rules"), doc, issuers, trust_domains, exchange)
-        if exchange is None or self.problems:
-            return None
+        # The table is built even when other problems were found, from the rules that are
+        # valid on their own, so overlaps are reported together with everything else.
         table = self.table(rules)
-        if self.problems:
+        if exchange is None or self.problems:
             return None
         return Policy(
             source=self.source,
@@ -647,7 +650,7 @@ class _Checker:
                             xfcc,
                             "trustedHops",
                         )
-                hops = list(raw)
+                hops = [canonical_spiffe(h) for h in raw]
         return domains, hops
 
     def rules(
@@ -704,7 +707,9 @@ class _Checker:
 
         match = self.mapping(node, "match", w, "", required=True)
         self.fields(match, {"workloads", "host", "methods", "paths", "issuers"}, w, "match.")
-        workloads = self.strings(match, "workloads", w, "match.") or []
+        workloads = [
+            canonical_spiffe(t) for t in self.strings(match, "workloads", w, "match.") or []
+        ]
         for text in workloads:
             reason = _workload_problem(text, trust_domains)
             if reason:
@@ -937,6 +942,14 @@ def _workload_problem(text: str, trust_domains: list[str]) -> str:
     if parsed.trust_domain not in trust_domains:
         return f"trust domain {parsed.trust_domain!r} is not in workloads.trustDomains"
     return ""
+
+
+def canonical_spiffe(text: str) -> str:
+    """The scheme of a SPIFFE ID is case-insensitive; callers always arrive as ``spiffe://``,
+    so a rule written ``SPIFFE://`` must be stored that way too or it would never match."""
+    if text[:9].lower() == "spiffe://":
+        return "spiffe://" + text[9:]
+    return text
 
 
 def parse_duration(value: Any) -> int | None:
