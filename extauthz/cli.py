@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,16 +20,17 @@ def _serve(args: argparse.Namespace) -> int:
     supervising = args.workers > 1 and not args.worker
     metrics_dir = None
     if supervising:
-        from .workers import prepare_multiprocess_metrics
+        import tempfile
 
-        metrics_dir = prepare_multiprocess_metrics()  # before prometheus_client is imported
+        # Before anything imports prometheus_client: it picks its mode at import time. The
+        # workers inherit the variable, so every process writes where the supervisor reads.
+        metrics_dir = tempfile.mkdtemp(prefix="extauthz-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         return _serve_with(args, supervising)
     finally:
         if metrics_dir is not None:
-            from .workers import cleanup_multiprocess_metrics
-
-            cleanup_multiprocess_metrics(metrics_dir)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _serve_with(args: argparse.Namespace, supervising: bool) -> int:

@@ -37,6 +37,9 @@ _OPENER = urllib.request.build_opener(_NoRedirects())
 
 
 def fetch_jwks(url: str, timeout: float) -> IssuerKeys:
+    """One fetch. ``timeout`` bounds the whole fetch, not each read: a server trickling bytes
+    is cut off at the deadline (give or take one read of at most ``timeout``)."""
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(  # noqa: S310 - the scheme is checked at policy load
         url, headers={"Accept": "application/json", "User-Agent": "extauthz"}
     )
@@ -44,7 +47,17 @@ def fetch_jwks(url: str, timeout: float) -> IssuerKeys:
         with _OPENER.open(request, timeout=timeout) as response:
             if response.status != 200:
                 raise KeyLoadError(f"{url}: HTTP {response.status}")
-            data = response.read(MAX_JWKS_BYTES + 1)
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_JWKS_BYTES:
+                if time.monotonic() > deadline:
+                    raise KeyLoadError(f"{url}: no complete answer within {timeout}s")
+                chunk = response.read1(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            data = b"".join(chunks)
     except urllib.error.HTTPError as exc:
         raise KeyLoadError(f"{url}: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError, TimeoutError) as exc:

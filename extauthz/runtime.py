@@ -70,8 +70,10 @@ def read_inputs(policy_path: Path, key_paths: Sequence[Path]) -> Loaded:
     signing = tuple((str(p), load_signing_key(p)) for p in files)
     digest = hashlib.sha256()
     digest.update(policy.digest.encode())
-    for ident in sorted(file_keys):
-        digest.update(f"{ident}:{sorted(file_keys[ident].by_kid)}".encode())
+    for issuer in sorted(policy.issuers.values(), key=lambda i: i.id):
+        if issuer.jwks.file is not None:
+            # The key material, not only the kids: a key replaced under the same kid counts.
+            digest.update(issuer.id.encode() + b":" + issuer.jwks.file.read_bytes())
     for path, key in signing:
         digest.update(f"{path}:{key.kid}".encode())
     return Loaded(policy, file_keys, signing, digest.hexdigest())
@@ -158,11 +160,17 @@ class Runtime:
 
     # -- the loop --
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def start(self) -> None:
+        """Begin fetching URL issuers' keys and wait (bounded) for the first fetch of each, so
+        the process does not report SERVING while it could only answer key_unknown."""
         self._wake = asyncio.Event()
         if self.loaded is not None:
             self.remote.configure(self.loaded.policy.issuers.values())
             await self.remote.first_fetch(FIRST_FETCH_WAIT)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self._wake is None:
+            await self.start()
         try:
             while not stop.is_set():
                 forced = await self._sleep(stop)
@@ -220,6 +228,7 @@ class Runtime:
 
     def _accept(self, loaded: Loaded) -> None:
         if self.loaded is not None and loaded.digest == self.loaded.digest:
+            self.last_error = None  # back to the content that loaded: nothing is wrong now
             self._swap()
             return
         self.loaded = loaded

@@ -273,6 +273,7 @@ async def serve_single(
     front = GrpcFront(sidecar) if addresses.grpc else None
     admin = AdminServer(_Source()) if addresses.admin else None
     stop = await run_until_signalled(runtime.request_reload, stop)
+    await runtime.start()
     if front is not None:
         assert addresses.grpc is not None
         port = await front.start(addresses.grpc)

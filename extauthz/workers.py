@@ -12,9 +12,7 @@ SIGTERM drains every worker and exits 0 when they all did.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -167,19 +165,3 @@ class Supervisor:
                 except grpc.aio.AioRpcError:
                     worker.serving = False
                 await asyncio.sleep(HEALTH_INTERVAL)
-
-
-def prepare_multiprocess_metrics() -> str:
-    """Must run before prometheus_client is imported anywhere in this process."""
-    import tempfile
-
-    directory = tempfile.mkdtemp(prefix="extauthz-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    return directory
-
-
-def cleanup_multiprocess_metrics(directory: str) -> None:
-    import shutil
-
-    with contextlib.suppress(OSError):
-        shutil.rmtree(directory)

@@ -1,0 +1,391 @@
+"""Helpers for the operations tests (hot reload, key rotation, JWKS URLs, metrics, workers).
+
+Everything runs real processes on 127.0.0.1: ``extauthz serve`` as a child process, the echo
+upstream and Envoy. Every wait here is a poll with a deadline, never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from envoy.service.auth.v3 import (
+    attribute_context_pb2,
+    external_auth_pb2,
+    external_auth_pb2_grpc,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from extauthz.demo.echo import EchoServer
+from extauthz.demo.idp import Idp
+from extauthz.demo.pki import Pki, make_pki
+from extauthz.demo.stack import (
+    WORKLOADS,
+    Response,
+    SidecarProcess,
+    free_port,
+    http_get,
+    https_request,
+    mtls_context,
+)
+from extauthz.envoy import Envoy, load_base_config, render_config
+from extauthz.jose import CompactJWS, SigningKey, parse_compact, parse_jwks, verify_signature
+
+HOST = "profile.shop.svc.cluster.local"
+PATH = "/v1/customers/42"
+RULE = "orders-read-profile"
+# Keep gRPC on loopback even if the environment names an HTTP proxy.
+CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
+
+# Added to the example policy by the reload tests: billing may read a customer too.
+BILLING_RULE = """
+  - id: billing-read-profile
+    purpose: Billing looks up the customer an invoice is addressed to
+    match:
+      workloads: [spiffe://cluster.local/ns/shop/sa/billing]
+      host: profile.shop.svc.cluster.local
+      methods: [GET]
+      paths: ["/v1/customers/{id}"]
+      issuers: [corp-idp]
+    require: {scopes: [profile.read]}
+    grant:
+      audience: spiffe://cluster.local/ns/shop/sa/profile
+      scopes: [profile.read]
+      ttl: 30s
+"""
+
+# For sidecars whose shutdown is not under test: no drain delay, no decision log.
+QUICK = ["--drain-delay", "0", "--no-decision-log"]
+
+T = TypeVar("T")
+
+
+# --- waiting ---------------------------------------------------------------------------------
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, *, what: str, interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def policy_with_jwks_url(
+    policy_text: str, url: str, refresh: str = "10s", timeout: str = "1s"
+) -> str:
+    old = "jwks: {file: issuers/corp-idp.json}"
+    assert old in policy_text
+    return policy_text.replace(old, f"jwks: {{url: {url}, refresh: {refresh}, timeout: {timeout}}}")
+
+
+def write_key(key: SigningKey, path: Path) -> Path:
+    """Write a PEM private key atomically (a reader never sees half a file)."""
+    from extauthz.jose import write_private_key
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    write_private_key(key, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+class AtomicDir:
+    """A directory updated the way the kubelet updates a ConfigMap or Secret volume.
+
+    ``publish`` writes a new ``..<timestamp>`` directory, points a temporary symlink at it and
+    renames that over ``..data`` (atomic), then adds the user-visible symlinks
+    (``name -> ..data/name``) for new top-level names, drops those of removed names and
+    deletes the old timestamped directory.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._count = 0
+        self._current: str | None = None
+        self._names: set[str] = set()
+
+    def publish(self, files: Mapping[str, str | bytes], *, mode: int | None = None) -> Path:
+        self._count += 1
+        stamp = f"..2026_01_01_00_00_{self._count:02d}.{self._count}"
+        target = self.root / stamp
+        for name, content in files.items():
+            path = target / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
+            if mode is not None:
+                path.chmod(mode)
+        tmp_link = self.root / "..data_tmp"
+        if tmp_link.is_symlink():
+            tmp_link.unlink()
+        os.symlink(stamp, tmp_link)
+        os.replace(tmp_link, self.root / "..data")
+        names = {name.split("/", 1)[0] for name in files}
+        for name in sorted(names - self._names):
+            os.symlink(f"..data/{name}", self.root / name)
+        for name in sorted(self._names - names):
+            (self.root / name).unlink()
+        if self._current is not None:
+            shutil.rmtree(self.root / self._current)
+        self._current, self._names = stamp, names
+        return target
+
+
+# --- the admin port --------------------------------------------------------------------------
+
+
+def statusz(admin_port: int) -> dict[str, Any]:
+    status, body = http_get(admin_port, "/statusz")
+    assert status == 200, body
+    doc: dict[str, Any] = json.loads(body)
+    return doc
+
+
+def published_jwks(admin_port: int) -> dict[str, Any]:
+    status, body = http_get(admin_port, "/.well-known/jwks.json")
+    assert status == 200, body
+    doc: dict[str, Any] = json.loads(body)
+    return doc
+
+
+class Metrics:
+    """One scrape of ``/metrics``, parsed with prometheus_client's own parser."""
+
+    def __init__(self, text: str) -> None:
+        self.samples = [
+            sample for family in text_string_to_metric_families(text) for sample in family.samples
+        ]
+
+    @classmethod
+    def scrape(cls, admin_port: int) -> Metrics:
+        status, body = http_get(admin_port, "/metrics")
+        assert status == 200
+        return cls(body.decode())
+
+    def matching(self, name: str, **labels: str) -> list[Any]:
+        return [
+            s
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum over every sample of ``name`` whose labels include ``labels`` (0 if none)."""
+        return float(sum(s.value for s in self.matching(name, **labels)))
+
+
+# --- gRPC Check ------------------------------------------------------------------------------
+
+
+def check_request(
+    *,
+    principal: str = WORKLOADS["orders"],
+    method: str = "GET",
+    host: str = HOST,
+    path: str = PATH,
+    token: str | None = None,
+    request_id: str | None = None,
+) -> external_auth_pb2.CheckRequest:
+    """A CheckRequest shaped like the one Envoy 1.40 sends for an mTLS downstream."""
+    headers = {
+        ":authority": host,
+        ":method": method,
+        ":path": path,
+        ":scheme": "https",
+        "user-agent": "test-client/1.0",
+        "x-request-id": str(uuid.uuid4()),
+        "x-forwarded-proto": "https",
+    }
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    ctx = attribute_context_pb2.AttributeContext
+    return external_auth_pb2.CheckRequest(
+        attributes=ctx(
+            source=ctx.Peer(principal=principal),
+            destination=ctx.Peer(principal="spiffe://cluster.local/ns/edge/sa/envoy"),
+            request=ctx.Request(
+                http=ctx.HttpRequest(
+                    id=request_id or uuid.uuid4().hex,
+                    method=method,
+                    host=host,
+                    path=path,
+                    headers=headers,
+                    scheme="https",
+                    protocol="HTTP/1.1",
+                )
+            ),
+        )
+    )
+
+
+class Checker:
+    """A gRPC client of one sidecar port."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", CHANNEL_OPTIONS)
+        self.stub = external_auth_pb2_grpc.AuthorizationStub(self.channel)
+
+    def check(
+        self, token: str | None = None, *, workload: str = "orders", timeout: float = 5.0
+    ) -> external_auth_pb2.CheckResponse:
+        request = check_request(principal=WORKLOADS[workload], token=token)
+        response: external_auth_pb2.CheckResponse = self.stub.Check(request, timeout=timeout)
+        return response
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def http_status(response: external_auth_pb2.CheckResponse) -> int:
+    """The HTTP status Envoy would answer with: 200 for OK, else the denied status."""
+    if response.status.code == 0:
+        return 200
+    return int(response.denied_response.status.code)
+
+
+def deny_error(response: external_auth_pb2.CheckResponse) -> str | None:
+    if response.status.code == 0:
+        return None
+    error: str = json.loads(response.denied_response.body)["error"]
+    return error
+
+
+def minted(response: external_auth_pb2.CheckResponse) -> CompactJWS:
+    assert response.status.code == 0, response
+    values = [
+        o.header.value
+        for o in response.ok_response.headers
+        if o.header.key.lower() == "authorization"
+    ]
+    assert len(values) == 1
+    return parse_compact(values[0].removeprefix("Bearer "))
+
+
+def verifies(jws: CompactJWS, jwks: Mapping[str, Any]) -> bool:
+    keys = parse_jwks(json.dumps(jwks).encode())
+    alg = jws.header.get("alg", "")
+    return any(verify_signature(jws, k, alg) for k in keys.candidates(jws.header.get("kid"), alg))
+
+
+def tampered(idp: Idp) -> str:
+    """A token of ``idp`` whose signature is valid, but for other content (same kid)."""
+    one = idp.token(now=time.time())
+    other = idp.token(now=time.time(), sub="someone-else")
+    return one.rsplit(".", 1)[0] + "." + other.rsplit(".", 1)[1]
+
+
+# --- ports -----------------------------------------------------------------------------------
+
+
+def _binds(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P+1 are both free (for ``--workers 2``)."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535 and _binds(port + 1):
+            return port
+    raise RuntimeError("no two consecutive free ports found")
+
+
+def free_port_except(taken: Sequence[int]) -> int:
+    for _ in range(50):
+        port = free_port()
+        if port not in taken:
+            return port
+    raise RuntimeError("no free port found")
+
+
+# --- a mesh slice: echo upstream, sidecar (or supervisor) and Envoy ---------------------------
+
+
+class Slice:
+    """Envoy in front of the echo upstream, checking with the given sidecar process."""
+
+    def __init__(
+        self, workdir: Path, sidecar: SidecarProcess, *, authz_ports: Sequence[int] = ()
+    ) -> None:
+        self.workdir = workdir
+        self.pki: Pki = make_pki(workdir / "certs", WORKLOADS)
+        self.echo = EchoServer()
+        self.sidecar = sidecar
+        self.authz_ports = list(authz_ports) or [sidecar.grpc_port]
+        self.listen_port = free_port()
+        self.envoy: Envoy | None = None
+
+    def start(self) -> None:
+        try:
+            self.echo.start()
+            if not self.sidecar.running:
+                self.sidecar.start()
+            config = render_config(
+                load_base_config(),
+                listen_port=self.listen_port,
+                authz_ports=self.authz_ports,
+                upstream_port=self.echo.port,
+                admin_port=free_port(),
+                cert_dir=self.pki.dir,
+            )
+            self.envoy = Envoy(config, self.workdir / "envoy")
+            self.envoy.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, *, sidecar: bool = True) -> None:
+        """Stop Envoy and the upstream, and the sidecar too unless told to leave it running."""
+        if self.envoy is not None:
+            self.envoy.stop()
+        if sidecar:
+            self.sidecar.stop()
+        self.echo.stop()
+
+    def request(
+        self, workload: str, token: str | None, *, path: str = PATH, timeout: float = 5.0
+    ) -> Response:
+        headers = {"authorization": f"Bearer {token}"} if token is not None else {}
+        ctx = mtls_context(self.pki.ca, self.pki.workloads[workload])
+        return https_request(
+            self.listen_port, ctx, path=path, host=HOST, headers=headers, timeout=timeout
+        )
+
+    def envoy_admin(self, path: str) -> str:
+        assert self.envoy is not None
+        status, body = http_get(self.envoy.admin_port, path)
+        assert status == 200
+        return body.decode()
+
+    def __enter__(self) -> Slice:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
