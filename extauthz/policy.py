@@ -52,7 +52,7 @@ _ID = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
 _HEADER = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
-_DURATION = re.compile(r"(\d+)(s|m|h)")
+_DURATION = re.compile(r"(-?)(\d+)(s|m|h)")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -953,6 +953,8 @@ def canonical_spiffe(text: str) -> str:
 
 
 def parse_duration(value: Any) -> int | None:
+    """Seconds from an integer or a string like ``30s``, ``5m``, ``1h`` (or ``-60s``: callers
+    that need a positive duration check the sign themselves)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -960,7 +962,8 @@ def parse_duration(value: Any) -> int | None:
     if isinstance(value, str):
         found = _DURATION.fullmatch(value.strip())
         if found:
-            return int(found.group(1)) * _UNIT[found.group(2)]
+            sign = -1 if found.group(1) else 1
+            return sign * int(found.group(2)) * _UNIT[found.group(3)]
     return None
 
 

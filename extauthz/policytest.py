@@ -19,7 +19,7 @@ from . import yamlsrc
 from .core import Decision
 from .errors import ExtauthzError
 from .policy import Policy, parse_duration
-from .simulate import SimRequest, Simulator, parse_signed_duration
+from .simulate import SimRequest, Simulator
 
 _REQUEST_FIELDS = {
     "workload", "method", "host", "path", "issuer", "claims", "expiresIn", "tokenType",
@@ -139,7 +139,7 @@ def _request(node: Any) -> SimRequest:
     headers = node.get("headers", {})
     if not isinstance(claims, dict) or not isinstance(headers, dict):
         raise ValueError("request.claims and request.headers must be mappings")
-    expires = parse_signed_duration(node.get("expiresIn", 600))
+    expires = parse_duration(node.get("expiresIn", 600))
     if expires is None:
         raise ValueError("request.expiresIn: a duration like 10m or -60s")
     for key in ("method", "host", "path", "issuer", "tokenType"):

@@ -7,7 +7,6 @@ keys. Nothing here touches the policy's real JWKS files or signing keys.
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,9 +16,6 @@ from .core import CheckInput, Decision, Snapshot, decide
 from .jose import IssuerKeys, SigningKey, generate_issuer_key, generate_signing_key
 from .loader import own_keys
 from .policy import Policy, TrustedIssuer
-
-_SIGNED_DURATION = re.compile(r"(-?)(\d+)(s|m|h)?")
-_UNIT = {"s": 1, "m": 60, "h": 3600, None: 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +32,6 @@ class SimRequest:
     token_type: str = "at+jwt"
     certificate: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
-
-
-def parse_signed_duration(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        found = _SIGNED_DURATION.fullmatch(value.strip())
-        if found:
-            sign = -1 if found.group(1) else 1
-            return sign * int(found.group(2)) * _UNIT[found.group(3)]
-    return None
 
 
 class Simulator:
