@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import math
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
 from jwt.exceptions import InvalidKeyError
 
@@ -215,7 +217,7 @@ def parse_jwks(data: bytes) -> IssuerKeys:
         algorithms = _algorithms_for_public_key(public)
         declared = jwk.get("alg")
         if declared is not None:
-            algorithms = algorithms & {declared}
+            algorithms = algorithms & {declared} if isinstance(declared, str) else frozenset()
         if not algorithms:
             continue
         vk = VerifyKey(kid, algorithms, public)
@@ -280,12 +282,31 @@ class SigningKey:
         return VerifyKey(self.kid, frozenset({self.alg}), self.private_key.public_key())
 
     def sign(self, claims: Mapping[str, Any], typ: str) -> str:
-        header = {"alg": self.alg, "kid": self.kid, "typ": typ}
-        head = b64encode(json.dumps(header, separators=(",", ":")).encode())
+        head = _encoded_header(self.alg, self.kid, typ)
         body = b64encode(json.dumps(claims, separators=(",", ":")).encode())
         signing_input = f"{head}.{body}".encode("ascii")
-        signature = _ALGORITHMS[self.alg].sign(signing_input, self.private_key)
-        return f"{head}.{body}.{b64encode(signature)}"
+        return f"{head}.{body}.{b64encode(_raw_signature(self, signing_input))}"
+
+
+@functools.lru_cache(maxsize=64)
+def _encoded_header(alg: str, kid: str, typ: str) -> str:
+    header = {"alg": alg, "kid": kid, "typ": typ}
+    return b64encode(json.dumps(header, separators=(",", ":")).encode())
+
+
+_EC_HASH = {"ES256": hashes.SHA256, "ES384": hashes.SHA384, "ES512": hashes.SHA512}
+_EC_SIZE = {"ES256": 32, "ES384": 48, "ES512": 66}
+
+
+def _raw_signature(key: SigningKey, message: bytes) -> bytes:
+    if key.alg in _EC_HASH:
+        # JWS wants r || s at fixed width; cryptography returns DER. Converting here is a few
+        # integer operations, where PyJWT's generic path costs as much as the signing itself.
+        der = key.private_key.sign(message, ec.ECDSA(_EC_HASH[key.alg]()))
+        r, s = decode_dss_signature(der)
+        size = _EC_SIZE[key.alg]
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    return bytes(_ALGORITHMS[key.alg].sign(message, key.private_key))
 
 
 def _signing_key_from_private(private: Any) -> SigningKey:

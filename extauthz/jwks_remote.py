@@ -142,7 +142,12 @@ class RemoteJwks:
         failures = 0
         while True:
             try:
-                keys = await asyncio.to_thread(fetch_jwks, source.url, source.timeout)
+                try:
+                    keys = await asyncio.to_thread(fetch_jwks, source.url, source.timeout)
+                except KeyLoadError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the refresh loop must go on
+                    raise KeyLoadError(f"unexpected {type(exc).__name__}") from exc
             except KeyLoadError as exc:
                 failures += 1
                 self.last_error[ident] = str(exc)

@@ -297,6 +297,9 @@ def compile_policy(text: str, *, source: str = "<policy>", base_dir: Path | None
         raise PolicyError([Problem(source, "", "", f"not valid YAML: {problem}", line)]) from exc
     except RecursionError as exc:
         raise PolicyError([Problem(source, "", "", "YAML nested too deep")]) from exc
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        # PyYAML's constructors raise these on values like "0x_", "2020-13-45" or "!!bool x".
+        raise PolicyError([Problem(source, "", "", f"not valid YAML: {exc}")]) from exc
     checker = _Checker(source)
     policy = checker.document(doc, text, base_dir or Path("."))
     if checker.problems or policy is None:
@@ -608,8 +611,12 @@ class _Checker:
         timeout = self.duration(node, "timeout", w, "jwks.", DEFAULT_JWKS_TIMEOUT)
         if url is None or refresh is None or timeout is None:
             return None
-        parsed = urlsplit(url)
-        loopback = parsed.hostname in ("127.0.0.1", "::1", "localhost")
+        try:
+            parsed = urlsplit(url)
+            loopback = parsed.hostname in ("127.0.0.1", "::1", "localhost")
+        except ValueError:
+            self.fail(w, "jwks.url", "is not a valid URL", node, "url")
+            return None
         if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
             self.fail(w, "jwks.url", "must be https:// (http only on loopback)", node, "url")
         if refresh < 10 or timeout > 30:

@@ -205,6 +205,9 @@ class Runtime:
                 loaded = await asyncio.to_thread(self._read)
             except ExtauthzError as exc:
                 self._failed(exc)
+            except Exception as exc:  # noqa: BLE001 - a reload must never end the reload loop
+                log.exception("unexpected error while reloading")
+                self._failed(KeyLoadError(f"unexpected {type(exc).__name__} while reloading"))
             else:
                 now = self.clock()
                 for _path, key in loaded.signing:

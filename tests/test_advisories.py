@@ -1,0 +1,327 @@
+"""One regression test per published JOSE library advisory that touches how we use JOSE.
+
+We never call ``jwt.decode``: our own strict parser (``jose.parse_compact``) reads the token,
+``core`` picks the issuer, algorithm and key, and PyJWT's algorithm objects only do the
+signature arithmetic. So most PyJWT advisories cannot reach us through the API they were
+found in; each test here checks that the ATTACK behind the advisory fails against our
+pipeline, whatever PyJWT version is installed. (PyJWT's own ``tests/test_advisory.py`` is the
+model.) docs/security.md lists the advisories and why each does or does not apply.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import importlib.metadata
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from jwt.algorithms import get_default_algorithms
+
+from extauthz import jose
+from extauthz.core import CheckInput, Decision, decide
+from extauthz.demo.idp import Idp
+from extauthz.errors import PolicyError
+from extauthz.jose import generate_issuer_key, generate_signing_key, jwks_document, parse_jwks
+from extauthz.loader import build_snapshot_from
+from extauthz.policy import compile_policy
+from extauthz.reasons import Reason
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = 1_700_000_000
+IDP_ISS = "https://idp.example.com"
+AUD = "https://shop.example.com"
+ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
+PROFILE = "spiffe://cluster.local/ns/shop/sa/profile"
+HOST = "profile.shop.svc.cluster.local"
+ALGS = get_default_algorithms()
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64json(value: Any) -> str:
+    return b64url(json.dumps(value, separators=(",", ":")).encode())
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    out = {
+        "iss": IDP_ISS,
+        "sub": "user-1",
+        "aud": AUD,
+        "iat": NOW,
+        "exp": NOW + 600,
+        "scope": "profile.read",
+    }
+    out.update(overrides)
+    return out
+
+
+def policy_doc(algorithms: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "extauthz/v1",
+        "kind": "ExchangePolicy",
+        "exchange": {"issuer": "https://exchange.shop.svc"},
+        "trustedIssuers": [
+            {
+                "id": "corp-idp",
+                "issuer": IDP_ISS,
+                "jwks": {"file": "corp-idp.json"},
+                "audiences": [AUD],
+                "algorithms": algorithms,
+            }
+        ],
+        "workloads": {"trustDomains": ["cluster.local"]},
+        "rules": [
+            {
+                "id": "orders-read-profile",
+                "purpose": "Orders shows the customer's profile on an order page",
+                "match": {
+                    "workloads": [ORDERS],
+                    "host": HOST,
+                    "methods": ["GET"],
+                    "paths": ["/v1/customers/{id}"],
+                    "issuers": ["corp-idp"],
+                },
+                "require": {"scopes": ["profile.read"]},
+                "grant": {"audience": PROFILE, "scopes": ["profile.read"], "ttl": "30s"},
+            }
+        ],
+    }
+
+
+class Sidecar:
+    """A Snapshot for one issuer whose JWKS holds ``keys``; ``ask`` runs core.decide."""
+
+    def __init__(self, keys: list[jose.SigningKey], algorithms: list[str]) -> None:
+        policy = compile_policy(yaml.safe_dump(policy_doc(algorithms)), source="advisory.yaml")
+        issuer_keys = parse_jwks(json.dumps(jwks_document(keys)).encode())
+        self.snap = build_snapshot_from(policy, {"corp-idp": issuer_keys}, [generate_signing_key()])
+
+    def ask(self, token: str) -> Decision:
+        inp = CheckInput(
+            "GET", HOST, "/v1/customers/42", {"authorization": f"Bearer {token}"}, ORDERS
+        )
+        counter = itertools.count()
+        return decide(inp, self.snap, NOW, lambda: f"jti-{next(counter)}")
+
+
+def denied(decision: Decision, reason: Reason) -> None:
+    assert decision.reason is reason, (decision.reason, decision.detail)
+    assert decision.token is None and decision.claims is None
+
+
+def sign(key: jose.SigningKey, header: dict[str, Any], body: dict[str, Any], alg: str = "") -> str:
+    head, payload = b64json(header), b64json(body)
+    signature = ALGS[alg or key.alg].sign(f"{head}.{payload}".encode(), key.private_key)
+    return f"{head}.{payload}.{b64url(signature)}"
+
+
+def hmac_token(alg: str, header: dict[str, Any], body: dict[str, Any], secret: bytes) -> str:
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+    head, payload = b64json(header), b64json(body)
+    mac = hmac.new(secret, f"{head}.{payload}".encode(), digest).digest()
+    return f"{head}.{payload}.{b64url(mac)}"
+
+
+def public_key_encodings(key: jose.SigningKey) -> dict[str, bytes]:
+    """Every way an attacker might serialise the issuer's PUBLIC key to use it as a secret."""
+    public = key.private_key.public_key()
+    fmt = serialization.PublicFormat
+    enc = serialization.Encoding
+    out = {
+        "pem-spki": public.public_bytes(enc.PEM, fmt.SubjectPublicKeyInfo),
+        "der-spki": public.public_bytes(enc.DER, fmt.SubjectPublicKeyInfo),
+        "jwk": json.dumps(dict(key.public_jwk)).encode(),
+        "jwk-compact": json.dumps(dict(key.public_jwk), separators=(",", ":")).encode(),
+        "jwks": json.dumps(jwks_document([key])).encode(),
+    }
+    with contextlib.suppress(ValueError):  # OpenSSH has no encoding for some curves
+        out["openssh"] = public.public_bytes(enc.OpenSSH, fmt.OpenSSH)
+    with contextlib.suppress(ValueError):  # PKCS#1 is for RSA keys only
+        out["pem-pkcs1"] = public.public_bytes(enc.PEM, fmt.PKCS1)
+    return out
+
+
+# --- CVE-2022-29217: algorithm confusion through key formats ----------------------------------
+
+
+@pytest.mark.parametrize("issuer_alg", ["ES256", "EdDSA", "RS256"])
+@pytest.mark.parametrize("hmac_alg", ["HS256", "HS384", "HS512"])
+def test_cve_2022_29217_public_key_as_hmac_secret(issuer_alg: str, hmac_alg: str) -> None:
+    """CVE-2022-29217 (PyJWT < 2.4.0): with `algorithms=jwt.algorithms.get_default_algorithms()`
+    an attacker signs HS256 using the issuer's public key (notably an OpenSSH ed25519 key) as
+    the HMAC secret. Our pipeline: HMAC is in no issuer's list and not in our algorithm table,
+    so every encoding of the public key, with or without kid, is refused before any key use."""
+    idp = generate_issuer_key(issuer_alg)
+    sidecar = Sidecar([idp], [issuer_alg])
+    for name, secret in public_key_encodings(idp).items():
+        for header in ({"alg": hmac_alg, "kid": idp.kid}, {"alg": hmac_alg}):
+            decision = sidecar.ask(hmac_token(hmac_alg, header, claims(), secret))
+            assert decision.reason is Reason.ALGORITHM_NOT_ALLOWED, name
+            assert decision.token is None
+
+
+def test_cve_2022_29217_hmac_cannot_be_configured_or_verified() -> None:
+    """The structural defence: no HMAC in the verification table, and a policy that names an
+    HMAC algorithm (or none) for an issuer does not compile."""
+    assert not any(a.startswith("HS") for a in jose.SUPPORTED_ALGORITHMS)
+    assert "none" not in {a.lower() for a in jose.SUPPORTED_ALGORITHMS}
+    for bad in (["HS256"], ["ES256", "HS256"], ["none"], ["ES256", "HS512"]):
+        with pytest.raises(PolicyError) as info:
+            compile_policy(yaml.safe_dump(policy_doc(bad)), source="advisory.yaml")
+        assert any(p.field == "algorithms" for p in info.value.problems)
+
+
+# --- CVE-2026-48526: public-key JWK accepted as an HMAC secret when families are mixed ---------
+
+
+def test_cve_2026_48526_jwk_as_hmac_secret_with_mixed_families() -> None:
+    """CVE-2026-48526 / GHSA-xgmm-8j9v-c9wx (PyJWT < 2.13.0): a verifier that allows both
+    asymmetric and HMAC algorithms accepts the issuer's public JWK as an HMAC secret. Our
+    strongest "mixed" configuration lists every asymmetric family; HMAC still cannot be
+    listed, a JWK never becomes a secret, and the forged HS256 tokens are refused."""
+    rsa, ec, ed = (
+        generate_issuer_key("RS256"),
+        generate_issuer_key("ES256"),
+        generate_issuer_key("EdDSA"),
+    )
+    sidecar = Sidecar([rsa, ec, ed], ["RS256", "PS256", "ES256", "EdDSA"])
+    for key in (rsa, ec, ed):
+        for secret in (
+            json.dumps(dict(key.public_jwk)).encode(),
+            json.dumps(dict(key.public_jwk), separators=(",", ":")).encode(),
+        ):
+            token = hmac_token("HS256", {"alg": "HS256", "kid": key.kid}, claims(), secret)
+            denied(sidecar.ask(token), Reason.ALGORITHM_NOT_ALLOWED)
+    # The same issuer's genuine tokens still verify, so the denies are not an accident.
+    for key in (rsa, ec, ed):
+        assert sidecar.ask(sign(key, {"alg": key.alg, "kid": key.kid}, claims())).allowed
+    # And every published key is bound to the algorithms of its own type, never HMAC.
+    for vk in sidecar.snap.issuer_keys["corp-idp"].by_kid.values():
+        assert vk.algorithms and not any(a.startswith("HS") for a in vk.algorithms)
+
+
+# --- CVE-2026-48523: header alg checked, but the key's own algorithm used to verify ------------
+
+
+def test_cve_2026_48523_header_alg_is_the_alg_that_verifies() -> None:
+    """CVE-2026-48523 / GHSA-jq35-7prp-9v3f (PyJWT 2.9.0-2.12.x, with a PyJWK key): the header
+    `alg` was checked against the allow-list but the signature was verified with the algorithm
+    bound to the JWK. Here the header `alg` must be in the issuer's list AND allowed for the
+    key's type, and it is the algorithm the signature is verified with: an RSA key whose issuer
+    allows only PS256 does not accept an RS256 (PKCS#1 v1.5) signature labelled PS256."""
+    rsa = generate_issuer_key("PS256")
+    sidecar = Sidecar([rsa], ["PS256"])
+    mislabelled = sign(rsa, {"alg": "PS256", "kid": rsa.kid}, claims(), alg="RS256")
+    denied(sidecar.ask(mislabelled), Reason.SIGNATURE_INVALID)
+    honest_rs256 = sign(rsa, {"alg": "RS256", "kid": rsa.kid}, claims(), alg="RS256")
+    denied(sidecar.ask(honest_rs256), Reason.ALGORITHM_NOT_ALLOWED)
+    assert sidecar.ask(sign(rsa, {"alg": "PS256", "kid": rsa.kid}, claims())).allowed
+
+
+# --- CVE-2024-53861: partial issuer match ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "iss",
+    [
+        "idp.example",  # a substring of the trusted issuer (the PyJWT 2.10.0 `in` check)
+        "https://idp.example.co",
+        "ttps://idp.example.com",
+        "_https://idp.example.com_",  # a superstring
+        "https://idp.example.com/",
+        "https://idp.example.com.attacker.net",
+        "https://IDP.EXAMPLE.COM",
+    ],
+)
+def test_cve_2024_53861_partial_issuer_match(iss: str) -> None:
+    """CVE-2024-53861 (PyJWT 2.10.0): `iss` was compared with `in`, so a substring of the
+    expected issuer passed. Our issuer is chosen by exact string equality (a dict lookup)."""
+    idp = Idp(IDP_ISS)
+    sidecar = Sidecar([idp.key], ["ES256"])
+    denied(sidecar.ask(idp.key.sign(claims(iss=iss), "at+jwt")), Reason.ISSUER_UNTRUSTED)
+
+
+@pytest.mark.parametrize("iss", [[IDP_ISS], [IDP_ISS, "x"], ["idp.example"], {"iss": IDP_ISS}])
+def test_cve_2024_53861_issuer_of_another_type(iss: Any) -> None:
+    """The same class through types: an `iss` list "containing" the issuer is not a string."""
+    idp = Idp(IDP_ISS)
+    sidecar = Sidecar([idp.key], ["ES256"])
+    denied(sidecar.ask(idp.key.sign(claims(iss=iss), "at+jwt")), Reason.CLAIM_INVALID)
+
+
+# --- CVE-2026-32597: crit not enforced --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "crit",
+    [["b64"], ["exp"], ["urn:x:unknown"], [], "b64", None, {"b64": False}],
+)
+def test_cve_2026_32597_crit_header_is_refused(crit: Any) -> None:
+    """CVE-2026-32597 / GHSA-752w-5fwx-jx9f (PyJWT < 2.12.0): tokens with `crit` listing
+    extensions PyJWT does not understand were accepted, against RFC 7515 4.1.11. We understand
+    no extension, so a `crit` member of any value (even null or empty) refuses the token."""
+    idp = Idp(IDP_ISS)
+    sidecar = Sidecar([idp.key], ["ES256"])
+    header = {"alg": "ES256", "kid": idp.key.kid, "typ": "at+jwt", "crit": crit}
+    if crit == ["b64"]:
+        header["b64"] = False
+    denied(sidecar.ask(sign(idp.key, header, claims())), Reason.HEADER_UNSUPPORTED)
+
+
+# --- GHSA-hxm8-2xgr-2p9m: non-canonical signature segments -----------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["!!!!", "====", "==", " ", "%3D", "+/"])
+def test_ghsa_hxm8_non_base64url_signature_characters(suffix: str) -> None:
+    """GHSA-hxm8-2xgr-2p9m (PyJWT 2.13.0): characters outside the base64url alphabet appended
+    to the signature were ignored, giving a second spelling of the same token (a revocation
+    bypass for anyone keying state on the raw token). We accept only the base64url alphabet in
+    every segment (our subject cache is keyed by the exact token text)."""
+    idp = Idp(IDP_ISS)
+    sidecar = Sidecar([idp.key], ["ES256"])
+    token = idp.key.sign(claims(), "at+jwt")
+    assert sidecar.ask(token).allowed
+    denied(sidecar.ask(token + suffix), Reason.TOKEN_MALFORMED)
+
+
+# --- dependencies --------------------------------------------------------------------------------
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def test_installed_pyjwt_is_at_least_the_pinned_version() -> None:
+    """pyproject.toml pins the PyJWT that has every advisory fixed; the environment running the
+    sidecar must not hold an older one (a stale image or lock file)."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    found = re.search(r'"PyJWT>=([0-9][0-9.]*)', pyproject)
+    assert found, "pyproject.toml must pin PyJWT with a lower bound"
+    pinned = found.group(1)
+    installed = importlib.metadata.version("PyJWT")
+    assert _version_tuple(installed) >= _version_tuple(pinned), (installed, pinned)
+    assert _version_tuple(pinned) >= (2, 13, 0), "the pin must include the 2026 fixes"
+
+
+def test_python_jose_is_not_a_dependency() -> None:
+    """python-jose CVE-2024-33663 (algorithm confusion with OpenSSH ECDSA keys) and
+    CVE-2024-33664 (JWE decompression bomb): python-jose is not one of our dependencies, and
+    no module of ours imports it."""
+    requires = importlib.metadata.requires("extauthz") or []
+    names = {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in requires}
+    assert not names & {"python-jose", "python_jose", "jose"}, names
+    sources = (ROOT / "extauthz").rglob("*.py")
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(from|import)\s+jose\b", text, re.M), path

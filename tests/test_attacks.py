@@ -1,0 +1,1200 @@
+"""One test per known attack on a token-exchange sidecar, each run through ``core.decide``.
+
+Organised by ATTACK (RFC 8725 and its revision, REFERENCE.md "JWT attacks", "XFCC", "SPIFFE"),
+not by module: each test names the attack and the defence that stops it. Every attack must end
+in a deny with the documented reason code (docs/policy.md "Reason codes") and nothing minted:
+``decision.token is None and decision.claims is None``. Where a case is a deliberate ACCEPT (a
+documented decision), the test says so and checks that what was minted is still narrow.
+
+The Snapshot is built in memory (policy text compiled with ``compile_policy``, issuer keys from
+a demo ``Idp``'s JWKS through ``parse_jwks``, our key from ``generate_signing_key``), exactly as
+``loader.build_snapshot_from`` pairs them. No file, clock or network is used: an autouse
+fixture makes any socket use fail the test.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import itertools
+import json
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from jwt.algorithms import get_default_algorithms
+
+from extauthz.core import CheckInput, Decision, Snapshot, decide
+from extauthz.demo.idp import Idp
+from extauthz.edge import check_input
+from extauthz.jose import (
+    SigningKey,
+    generate_issuer_key,
+    generate_signing_key,
+    jwks_document,
+    parse_compact,
+    parse_jwks,
+)
+from extauthz.loader import build_snapshot_from
+from extauthz.policy import compile_policy
+from extauthz.reasons import Reason
+
+NOW = 1_700_000_000.0
+EXCHANGE_ISS = "https://exchange.shop.svc"
+IDP_ISS = "https://idp.example.com"
+IDP_ID = "corp-idp"
+IDP_AUD = "https://shop.example.com"
+TD = "cluster.local"
+ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
+CHECKOUT = "spiffe://cluster.local/ns/shop/sa/checkout"
+PROFILE = "spiffe://cluster.local/ns/shop/sa/profile"
+PAYMENTS = "spiffe://cluster.local/ns/shop/sa/payments"
+GATEWAY = "spiffe://cluster.local/ns/edge/sa/gateway"
+EVIL = "spiffe://cluster.local/ns/guest/sa/evil"
+HOST = "profile.shop.svc.cluster.local"
+CUSTOMER = "/v1/customers/42"
+DEFAULT_SCOPE = "profile.read charges.read"
+SIG_ALGS = get_default_algorithms()
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64json(value: Any) -> str:
+    return b64url(json.dumps(value, separators=(",", ":")).encode("utf-8"))
+
+
+def sign_parts(key: SigningKey, head: str, body: str) -> str:
+    """Validly sign already-encoded header and payload segments with ``key``."""
+    signature = SIG_ALGS[key.alg].sign(f"{head}.{body}".encode("ascii"), key.private_key)
+    return f"{head}.{body}.{b64url(signature)}"
+
+
+def sign_raw(key: SigningKey, header: Mapping[str, Any], claims: Mapping[str, Any]) -> str:
+    """A token validly signed by ``key`` with any header we like (alg confusion, crit, ...)."""
+    return sign_parts(key, b64json(header), b64json(claims))
+
+
+def hmac_token(
+    alg: str, header: Mapping[str, Any], claims: Mapping[str, Any], secret: bytes
+) -> str:
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+    head, body = b64json(header), b64json(claims)
+    mac = hmac.new(secret, f"{head}.{body}".encode("ascii"), digest).digest()
+    return f"{head}.{body}.{b64url(mac)}"
+
+
+def subject_claims(**overrides: Any) -> dict[str, Any]:
+    """A good subject-token claim set; an override of ``None`` removes that claim."""
+    claims: dict[str, Any] = {
+        "iss": IDP_ISS,
+        "sub": "user-1",
+        "aud": IDP_AUD,
+        "iat": int(NOW),
+        "exp": int(NOW) + 600,
+        "jti": "subject-jti",
+        "scope": DEFAULT_SCOPE,
+    }
+    for name, value in overrides.items():
+        if value is None:
+            claims.pop(name, None)
+        else:
+            claims[name] = value
+    return claims
+
+
+def rule(
+    rule_id: str,
+    *,
+    path: str,
+    audience: str,
+    scope: str,
+    workloads: Sequence[str] = (ORDERS,),
+    issuers: Sequence[str] = (IDP_ID,),
+    **extra: Any,
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": rule_id,
+        "purpose": f"attack suite rule {rule_id}",
+        "match": {
+            "workloads": list(workloads),
+            "host": HOST,
+            "methods": ["GET"],
+            "paths": [path],
+            "issuers": list(issuers),
+        },
+        "require": {"scopes": [scope]},
+        "grant": {"audience": audience, "scopes": [scope], "ttl": "30s"},
+    }
+    doc.update(extra)
+    return doc
+
+
+def policy_text(
+    *,
+    algorithms: Sequence[str] = ("ES256",),
+    token_types: Sequence[str] | None = None,
+    trusted_hops: Sequence[str] = (),
+    reexchange: bool = False,
+    max_token_bytes: int | None = None,
+) -> str:
+    """The attack suite's policy: two rules on one host, so a request that is confused about its
+    path visibly lands on the wrong rule (different audience) instead of merely being allowed."""
+    issuer: dict[str, Any] = {
+        "id": IDP_ID,
+        "issuer": IDP_ISS,
+        "jwks": {"file": "issuers/corp-idp.json"},  # never read: keys are passed in memory
+        "audiences": [IDP_AUD],
+        "algorithms": list(algorithms),
+    }
+    if token_types is not None:
+        issuer["tokenTypes"] = list(token_types)
+    exchange: dict[str, Any] = {"issuer": EXCHANGE_ISS, "maxTtl": "300s"}
+    if max_token_bytes is not None:
+        exchange["maxTokenBytes"] = max_token_bytes
+    workloads: dict[str, Any] = {"trustDomains": [TD]}
+    if trusted_hops:
+        workloads["xfcc"] = {"trustedHops": list(trusted_hops)}
+    profile = rule(
+        "orders-read-profile", path="/v1/customers/{id}", audience=PROFILE, scope="profile.read"
+    )
+    if reexchange:
+        profile["reexchange"] = True
+    charges = rule(
+        "orders-list-charges", path="/v1/charges", audience=PAYMENTS, scope="charges.read"
+    )
+    doc = {
+        "apiVersion": "extauthz/v1",
+        "kind": "ExchangePolicy",
+        "exchange": exchange,
+        "trustedIssuers": [issuer],
+        "workloads": workloads,
+        "rules": [profile, charges],
+        "default": "deny",
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+@dataclass
+class World:
+    """One sidecar (a Snapshot) and the identity provider it trusts."""
+
+    idp: Idp
+    signing: SigningKey
+    snap: Snapshot
+
+    def token(self, typ: str = "at+jwt", **claims: Any) -> str:
+        return self.idp.key.sign(subject_claims(**claims), typ)
+
+    def raw(self, header: Mapping[str, Any], **claims: Any) -> str:
+        """Validly signed by the trusted IdP, with an arbitrary header."""
+        return sign_raw(self.idp.key, header, subject_claims(**claims))
+
+    def header(self, **extra: Any) -> dict[str, Any]:
+        return {"alg": self.idp.key.alg, "kid": self.idp.key.kid, "typ": "at+jwt", **extra}
+
+    def ask(
+        self,
+        token: str | None = None,
+        *,
+        authorization: str | None = None,
+        principal: str = ORDERS,
+        path: str = CUSTOMER,
+        method: str = "GET",
+        host: str = HOST,
+        headers: Mapping[str, str] | None = None,
+        now: float = NOW,
+    ) -> Decision:
+        all_headers = dict(headers or {})
+        if authorization is not None:
+            all_headers["authorization"] = authorization
+        elif token is not None:
+            all_headers["authorization"] = f"Bearer {token}"
+        inp = CheckInput(method, host, path, all_headers, principal)
+        return decide(inp, self.snap, now, _ids())
+
+
+def _ids() -> Any:
+    counter = itertools.count(1)
+    return lambda: f"jti-{next(counter)}"
+
+
+def make_world(
+    *,
+    idp: Idp | None = None,
+    jwks: Mapping[str, Any] | None = None,
+    signing: SigningKey | None = None,
+    **policy_kw: Any,
+) -> World:
+    idp = idp or Idp(IDP_ISS)
+    policy = compile_policy(policy_text(**policy_kw), source="attacks.yaml")
+    keys = parse_jwks(json.dumps(jwks or idp.jwks()).encode("utf-8"))
+    signing = signing or generate_signing_key()
+    return World(idp, signing, build_snapshot_from(policy, {IDP_ID: keys}, [signing]))
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return make_world()
+
+
+@pytest.fixture(scope="module")
+def hop_world() -> World:
+    return make_world(trusted_hops=[GATEWAY])
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in a decision may touch the network (jku/x5u are never fetched, for one)."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"network access during a decision: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def denied(decision: Decision, reason: Reason) -> None:
+    """A deny, for the documented reason, with nothing minted or signed."""
+    assert decision.reason is reason, (decision.reason, decision.detail)
+    assert not decision.allowed
+    assert decision.token is None
+    assert decision.claims is None
+    assert not decision.shadow
+
+
+def allowed(decision: Decision, rule_id: str) -> dict[str, Any]:
+    assert decision.allowed, (decision.reason, decision.detail)
+    assert decision.rule is not None and decision.rule.id == rule_id
+    assert decision.token is not None and decision.claims is not None
+    assert dict(parse_compact(decision.token).claims) == dict(decision.claims)
+    return dict(decision.claims)
+
+
+def test_the_attack_world_allows_the_honest_request(world: World) -> None:
+    """Control: the baseline request is allowed, so every deny below is the attack's doing."""
+    claims = allowed(world.ask(world.token()), "orders-read-profile")
+    assert claims["aud"] == PROFILE
+    assert claims["scope"] == "profile.read"
+
+
+# --- alg: none, HMAC confusion, key/algorithm mismatch --------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
+@pytest.mark.parametrize("signature", ["", "AA", "c2ln"])
+def test_alg_none_any_case(world: World, alg: str, signature: str) -> None:
+    """Attack: an unsecured JWS (`alg: none`, any letter case). Defence: `alg` must be in the
+    issuer's list (asymmetric only); with an empty signature the compact form is malformed."""
+    token = f"{b64json({'alg': alg, 'typ': 'at+jwt'})}.{b64json(subject_claims())}.{signature}"
+    expected = Reason.TOKEN_MALFORMED if signature == "" else Reason.ALGORITHM_NOT_ALLOWED
+    denied(world.ask(token), expected)
+
+
+def _public_secret(world: World, fmt: str) -> bytes:
+    public = world.idp.key.private_key.public_key()
+    if fmt == "pem":
+        return public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    if fmt == "der":
+        return public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    if fmt == "jwk":
+        return json.dumps(world.idp.jwks()["keys"][0]).encode()
+    return json.dumps(world.idp.jwks()).encode()  # the whole JWKS document
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+@pytest.mark.parametrize("fmt", ["pem", "der", "jwk", "jwks"])
+@pytest.mark.parametrize("with_kid", [True, False])
+def test_hmac_signed_with_the_issuers_public_key(
+    world: World, alg: str, fmt: str, with_kid: bool
+) -> None:
+    """Attack: algorithm confusion, the issuer's PUBLIC key (PEM, DER, JWK or JWKS JSON) used as
+    an HMAC secret. Defence: HMAC is in no issuer's list and not even in our algorithm table."""
+    header: dict[str, Any] = {"alg": alg, "typ": "at+jwt"}
+    if with_kid:
+        header["kid"] = world.idp.key.kid
+    token = hmac_token(alg, header, subject_claims(), _public_secret(world, fmt))
+    denied(world.ask(token), Reason.ALGORITHM_NOT_ALLOWED)
+
+
+MULTI_ALGS = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+
+
+@pytest.fixture(scope="module")
+def multi_world() -> World:
+    """An issuer that lists several algorithms but publishes only an EC P-256 key, without a
+    declared `alg` in its JWK: only the key TYPE says what the key may be used for."""
+    idp = Idp(IDP_ISS)
+    jwk = {k: v for k, v in idp.key.public_jwk.items() if k != "alg"}
+    return make_world(idp=idp, jwks={"keys": [jwk]}, algorithms=MULTI_ALGS)
+
+
+@pytest.mark.parametrize(
+    ("alg", "signer"),
+    [("RS256", "RS256"), ("PS256", "PS256"), ("ES384", "ES384"), ("EdDSA", "EdDSA")],
+)
+@pytest.mark.parametrize("with_kid", [True, False])
+def test_key_of_one_type_with_another_algorithm(
+    multi_world: World, alg: str, signer: str, with_kid: bool
+) -> None:
+    """Attack: one key used with another algorithm (EC P-256 key, header RS256 / PS256 / ES384 /
+    EdDSA; the attacker signs with a key of that algorithm's type). Defence: a key is only a
+    candidate for the algorithms its type and curve allow (P-256: ES256 only)."""
+    attacker = generate_issuer_key(signer)
+    header: dict[str, Any] = {"alg": alg, "typ": "at+jwt"}
+    if with_kid:
+        header["kid"] = multi_world.idp.key.kid  # the issuer's EC key
+    denied(multi_world.ask(sign_raw(attacker, header, subject_claims())), Reason.KEY_UNKNOWN)
+    # the issuer's own key still works for the one algorithm it is for
+    allowed(multi_world.ask(multi_world.token()), "orders-read-profile")
+
+
+def test_algorithm_the_issuer_does_not_list_even_with_a_real_key() -> None:
+    """Attack: the issuer lists ES256 only but its JWKS also holds an ES384 key; a token is
+    signed ES384 with that real key and names its kid. Defence: the issuer's `algorithms` list
+    is checked before any key is chosen, so a published key cannot widen it."""
+    idp = Idp(IDP_ISS)
+    es384 = generate_issuer_key("ES384")
+    w = make_world(idp=idp, jwks=jwks_document([idp.key, es384]), algorithms=["ES256"])
+    header = {"alg": "ES384", "kid": es384.kid, "typ": "at+jwt"}
+    denied(w.ask(sign_raw(es384, header, subject_claims())), Reason.ALGORITHM_NOT_ALLOWED)
+    allowed(w.ask(w.token()), "orders-read-profile")
+
+
+# --- kid injection and attacker-supplied keys -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kid",
+    [
+        "../../etc/passwd",
+        "../../../../dev/null",
+        "/dev/null",
+        "' OR 1=1 --",
+        "x' UNION SELECT 'secret",
+        "| cat /etc/passwd",
+        "$(id)",
+        "",
+        "\u0000",
+    ],
+)
+def test_kid_injection(world: World, kid: str) -> None:
+    """Attack: a `kid` carrying a path or an injection payload. Defence: kid is only a key into
+    the issuer's in-memory JWKS dict; never a file name, query or command."""
+    denied(world.ask(world.raw(world.header(kid=kid))), Reason.KEY_UNKNOWN)
+
+
+def test_kid_very_long() -> None:
+    """Attack: a 10,000-character kid. Defence: the token size limit refuses it before it is
+    decoded; with the limit raised, the kid is simply unknown."""
+    kid = "k" * 10_000
+    small = make_world()
+    denied(small.ask(small.raw(small.header(kid=kid))), Reason.TOKEN_TOO_LARGE)
+    large = make_world(max_token_bytes=65536)
+    denied(large.ask(large.raw(large.header(kid=kid))), Reason.KEY_UNKNOWN)
+
+
+@pytest.mark.parametrize("kid", [1, 1.5, True, None, ["kid"], {"kid": "x"}])
+def test_kid_not_a_string(world: World, kid: Any) -> None:
+    """Attack: a non-string kid (type confusion in a key lookup). Defence: kid must be a string
+    (or absent); JSON null counts as absent and then the issuer's keys are tried by type."""
+    token = world.raw(world.header(kid=kid))
+    if kid is None:
+        allowed(world.ask(token), "orders-read-profile")  # null kid == no kid: still verified
+    else:
+        denied(world.ask(token), Reason.TOKEN_MALFORMED)
+
+
+def _attacker_headers(attacker: SigningKey) -> list[dict[str, Any]]:
+    cert = base64.b64encode(b"attacker certificate DER").decode()
+    return [
+        {"jwk": dict(attacker.public_jwk)},
+        {"jku": "https://attacker.example/jwks.json"},
+        {"jku": "http://127.0.0.1:1/jwks.json"},
+        {"x5u": "https://attacker.example/cert.pem"},
+        {"x5c": [cert]},
+        {
+            "jwk": dict(attacker.public_jwk),
+            "jku": "https://attacker.example/jwks.json",
+            "x5u": "https://attacker.example/cert.pem",
+            "x5c": [cert],
+        },
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("kid", ["none", "attacker", "issuer"])
+def test_embedded_or_remote_attacker_keys(world: World, index: int, kid: str) -> None:
+    """Attack: `jwk` / `jku` / `x5u` / `x5c` headers pointing the verifier at the ATTACKER's
+    key, with the token signed by that key. Defence: keys come only from the issuer's configured
+    JWKS; those headers are never read and nothing is fetched (the socket layer is disabled)."""
+    attacker = generate_signing_key()
+    header: dict[str, Any] = {"alg": "ES256", "typ": "at+jwt", **_attacker_headers(attacker)[index]}
+    if kid == "attacker":
+        header["kid"] = attacker.kid
+    elif kid == "issuer":
+        header["kid"] = world.idp.key.kid
+    decision = world.ask(sign_raw(attacker, header, subject_claims()))
+    expected = Reason.KEY_UNKNOWN if kid == "attacker" else Reason.SIGNATURE_INVALID
+    denied(decision, expected)
+
+
+# --- crit / b64 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"crit": ["exp"]},
+        {"crit": ["urn:example:unknown"], "urn:example:unknown": True},
+        {"crit": []},
+        {"crit": "b64"},
+        {"crit": ["b64"], "b64": False},
+        {"crit": ["b64"], "b64": True},
+    ],
+)
+def test_crit_headers_are_refused(world: World, extra: dict[str, Any]) -> None:
+    """Attack: a `crit` header listing extensions the verifier must understand (RFC 7515
+    4.1.11), among them RFC 7797 `b64: false`. Defence: we implement no JWS extension, so any
+    `crit` at all is refused (header_unsupported), validly signed or not."""
+    denied(world.ask(world.raw(world.header(**extra))), Reason.HEADER_UNSUPPORTED)
+
+
+def test_b64_false_unencoded_payload_is_not_understood(world: World) -> None:
+    """Attack: RFC 7797 unencoded payload (`b64: false`) without `crit`, signed over the RAW
+    payload as RFC 7797 defines. Defence: `b64` is ignored, so the payload segment must still be
+    base64url JSON and the signature is checked over the encoded form: it cannot verify."""
+    payload = json.dumps(subject_claims(), separators=(",", ":"))
+    head = b64json(world.header(b64=False))
+    signature = SIG_ALGS["ES256"].sign(f"{head}.{payload}".encode(), world.idp.key.private_key)
+    # As transmitted with a detached payload (RFC 7797 section 5.2): header..signature.
+    denied(world.ask(f"{head}..{b64url(signature)}"), Reason.TOKEN_MALFORMED)
+    # Re-attached in base64url form, the RFC 7797 signature does not cover it.
+    encoded = f"{head}.{b64url(payload.encode())}.{b64url(signature)}"
+    denied(world.ask(encoded), Reason.SIGNATURE_INVALID)
+
+
+# --- issuer and audience --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "iss",
+    [
+        "https://idp.example.com.evil",  # prefix match
+        "https://idp.example.com.evil.com",
+        "https://evil.example/https://idp.example.com",  # suffix match
+        "https://idp.example.com/",  # trailing slash
+        "https://idp.example.com/realms/x",
+        "https://IDP.example.com",  # case
+        "HTTPS://idp.example.com",
+        "https://idp.\u0435xample.com",  # Cyrillic 'е' look-alike
+        "https://idp.example.com\u200b",  # zero-width space
+        " https://idp.example.com",
+        "https://idp.example.com ",
+        "http://idp.example.com",
+        "idp.example.com",
+        "https://exchange.shop.svc.evil",  # look-alike of our own issuer
+    ],
+)
+def test_issuer_partial_or_look_alike(world: World, iss: str) -> None:
+    """Attack: an `iss` that only resembles a trusted issuer (prefix, suffix, trailing slash,
+    case, Unicode look-alike). Defence: the issuer is found by exact string equality only."""
+    denied(world.ask(world.token(iss=iss)), Reason.ISSUER_UNTRUSTED)
+
+
+@pytest.mark.parametrize("iss", [None, ["https://idp.example.com"], {"iss": IDP_ISS}, 1])
+def test_issuer_missing_or_not_a_string(world: World, iss: Any) -> None:
+    """Attack: `iss` absent or of another JSON type (hoping a list "contains" the issuer).
+    Defence: `iss` must be a string (claim_invalid)."""
+    denied(world.ask(world.token(iss=iss)), Reason.CLAIM_INVALID)
+
+
+@pytest.mark.parametrize(
+    "aud",
+    [
+        "https://other.example.com",  # a token for another system
+        "https://shop.example.com/",  # partial match
+        "https://shop.example.com.evil",
+        PROFILE,  # the downstream's own audience (a minted-looking aud)
+        [],  # empty list
+        ["https://other.example.com", "https://x.example"],
+        [IDP_AUD, 1],  # ours, plus a non-string
+        {"aud": IDP_AUD},
+        7,
+    ],
+)
+def test_audience_for_another_system(world: World, aud: Any) -> None:
+    """Attack: cross-audience replay (a token issued for another system), or an `aud` of the
+    wrong shape. Defence: `aud` (string or list of strings) must name one of the issuer's
+    configured audiences exactly."""
+    denied(world.ask(world.token(aud=aud)), Reason.AUDIENCE_MISMATCH)
+
+
+def test_audience_missing(world: World) -> None:
+    """Attack: a token with no `aud` at all. Defence: `aud` is required."""
+    denied(world.ask(world.token(aud=None)), Reason.AUDIENCE_MISMATCH)
+
+
+def test_audience_list_containing_ours_among_others_is_accepted(world: World) -> None:
+    """DECISION: an `aud` list that contains our audience among others is ACCEPTED (RFC 7519
+    4.1.3: the recipient must identify itself with a value in the list). What is minted still
+    carries exactly the rule's one audience, never the subject token's list."""
+    aud = ["https://other.example.com", IDP_AUD, "https://third.example"]
+    claims = allowed(world.ask(world.token(aud=aud)), "orders-read-profile")
+    assert claims["aud"] == PROFILE
+    assert isinstance(claims["aud"], str)
+
+
+# --- time -----------------------------------------------------------------------------------------
+
+
+LEEWAY = 30
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"exp": int(NOW) - LEEWAY - 1}, Reason.TOKEN_EXPIRED),
+        ({"exp": int(NOW) - 86_400, "iat": int(NOW) - 90_000}, Reason.TOKEN_EXPIRED),
+        ({"exp": 0, "iat": None}, Reason.TOKEN_EXPIRED),
+        ({"exp": -1, "iat": None}, Reason.TOKEN_EXPIRED),
+        ({"nbf": int(NOW) + LEEWAY + 1}, Reason.TOKEN_NOT_YET_VALID),
+        ({"iat": int(NOW) + LEEWAY + 1}, Reason.TOKEN_NOT_YET_VALID),
+        ({"iat": int(NOW) + 86_400, "exp": int(NOW) + 90_000}, Reason.TOKEN_NOT_YET_VALID),
+        ({"exp": None}, Reason.CLAIM_INVALID),
+        ({"exp": str(int(NOW) + 600)}, Reason.CLAIM_INVALID),
+        ({"exp": True}, Reason.CLAIM_INVALID),
+        ({"nbf": "0"}, Reason.CLAIM_INVALID),
+        ({"iat": [int(NOW)]}, Reason.CLAIM_INVALID),
+    ],
+)
+def test_token_lifetime_attacks(world: World, claims: dict[str, Any], reason: Reason) -> None:
+    """Attack: expired tokens, tokens not yet valid (`nbf`, or `iat` in the future beyond the
+    leeway), a token without `exp` (one that never expires), time claims of the wrong type.
+    Defence: numeric `exp` required and checked with the leeway; `nbf`/`iat` not in the future."""
+    denied(world.ask(world.token(**claims)), reason)
+
+
+@pytest.mark.parametrize("name", ["nbf", "iat"])
+def test_nbf_and_iat_within_the_leeway_are_accepted(world: World, name: str) -> None:
+    """DECISION: clock skew up to `exchange.leeway` (30 s default) is tolerated."""
+    skewed: dict[str, Any] = {name: int(NOW) + LEEWAY}
+    allowed(world.ask(world.token(**skewed)), "orders-read-profile")
+
+
+def test_cached_token_replayed_after_expiry() -> None:
+    """Attack: a token verified once (and cached by its text) is replayed after it expired.
+    Defence: the subject cache remembers only time-independent checks; exp is re-checked."""
+    w = make_world()
+    token = w.token(exp=int(NOW) + 60)
+    allowed(w.ask(token), "orders-read-profile")
+    assert len(w.snap.subject_cache) == 1
+    denied(w.ask(token, now=NOW + 60 + LEEWAY + 1), Reason.TOKEN_EXPIRED)
+
+
+# --- claims ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": None},
+        {"sub": ""},
+        {"sub": 42},
+        {"sub": ["user-1"]},
+        {"sub": {"id": "user-1"}},
+        {"sub": "u" * 1025},
+        {"scope": ["profile.read"]},
+        {"scope": 1},
+        {"scope": {"profile.read": True}},
+        {"scope": 'profile.read "x"'},
+        {"scope": "profile.read\\admin"},
+        {"scope": None, "scp": "profile.read"},
+        {"scope": None, "scp": ["profile.read", 1]},
+        {"act": "spiffe://cluster.local/ns/shop/sa/orders"},
+        {"act": {"sub": 1}},
+        {"may_act": "spiffe://cluster.local/ns/shop/sa/orders"},
+    ],
+)
+def test_malformed_claims(world: World, claims: dict[str, Any]) -> None:
+    """Attack: claims of the wrong type or shape (missing/non-string `sub`, `scope` that is not
+    a space-separated string, `act`/`may_act` that are not objects). Defence: claim_invalid."""
+    denied(world.ask(world.token(**claims)), Reason.CLAIM_INVALID)
+
+
+def test_may_act_naming_someone_else(world: World) -> None:
+    """Attack: a caller exchanges a token whose `may_act` delegates to another workload.
+    Defence: `may_act.sub` must equal the calling workload (actor_not_permitted)."""
+    for may_act in ({"sub": CHECKOUT}, {"sub": ORDERS + "x"}, {"iss": EXCHANGE_ISS}, {}):
+        denied(world.ask(world.token(may_act=may_act)), Reason.ACTOR_NOT_PERMITTED)
+    allowed(world.ask(world.token(may_act={"sub": ORDERS})), "orders-read-profile")
+
+
+def _act_chain(depth: int) -> dict[str, Any]:
+    act: dict[str, Any] = {"sub": "spiffe://cluster.local/ns/x/sa/a0"}
+    for i in range(1, depth):
+        act = {"sub": f"spiffe://cluster.local/ns/x/sa/a{i}", "act": act}
+    return act
+
+
+@pytest.mark.parametrize("depth", [9, 10, 50])
+def test_deeply_nested_act(world: World, depth: int) -> None:
+    """Attack: a delegation chain nested deeper than anyone audits (or deep enough to hurt a
+    recursive reader). Defence: `act` depth is bounded at 8 (claim_invalid beyond)."""
+    denied(world.ask(world.token(act=_act_chain(depth))), Reason.CLAIM_INVALID)
+
+
+def test_act_at_the_depth_limit_is_accepted(world: World) -> None:
+    """Boundary: exactly 8 levels is accepted, and nested under the caller in the minted act."""
+    claims = allowed(world.ask(world.token(act=_act_chain(8))), "orders-read-profile")
+    assert claims["act"]["sub"] == ORDERS
+    assert claims["act"]["act"] == _act_chain(8)
+
+
+# --- token kinds and replay of our own tokens -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minted_token(world: World) -> str:
+    decision = world.ask(world.token())
+    assert decision.allowed and decision.token is not None
+    return decision.token
+
+
+@pytest.mark.parametrize(
+    ("principal", "path"),
+    [
+        (ORDERS, CUSTOMER),  # the caller it was minted for, same request
+        (ORDERS, "/v1/charges"),  # the same caller, another rule
+        (PROFILE, CUSTOMER),  # its audience, forwarding it as a subject token
+        (CHECKOUT, CUSTOMER),  # anybody else who stole it
+    ],
+)
+def test_minted_token_replayed_as_a_subject_token(
+    world: World, minted_token: str, principal: str, path: str
+) -> None:
+    """Attack: a token this exchange minted is presented back as a subject token (to launder it
+    into a new token, or to reach another rule). Defence: no rule allows re-exchange, so it is
+    reexchange_denied."""
+    denied(world.ask(minted_token, principal=principal, path=path), Reason.REEXCHANGE_DENIED)
+
+
+def test_minted_token_replayed_by_its_caller_where_reexchange_is_allowed() -> None:
+    """Attack: even on a rule with `reexchange: true`, the ORIGINAL caller presents the token it
+    received. Defence: a minted token is only re-exchanged by the workload it was minted for
+    (its `aud`), never by the one that asked for it."""
+    w = make_world(reexchange=True)
+    minted = w.ask(w.token())
+    assert minted.token is not None
+    denied(w.ask(minted.token), Reason.REEXCHANGE_DENIED)
+
+
+def test_token_claiming_our_issuer_signed_by_someone_else(world: World) -> None:
+    """Attack: a token with `iss` = the exchange, signed by another key (the IdP's, whose kid is
+    not ours). Defence: tokens claiming our issuer verify only against our own keys."""
+    token = world.idp.key.sign(subject_claims(iss=EXCHANGE_ISS, aud=ORDERS), "at+jwt")
+    denied(world.ask(token), Reason.KEY_UNKNOWN)
+    forger = generate_signing_key()
+    header = {"alg": "ES256", "kid": world.signing.kid, "typ": "at+jwt"}
+    denied(
+        world.ask(sign_raw(forger, header, subject_claims(iss=EXCHANGE_ISS, aud=ORDERS))),
+        Reason.SIGNATURE_INVALID,
+    )
+
+
+@pytest.mark.parametrize(
+    "typ",
+    [
+        "txntoken+jwt",
+        "application/txntoken+jwt",
+        "secevent+jwt",
+        "dpop+jwt",
+        "id+jwt",
+        "logout+jwt",
+        "JOSE",
+        "",
+        7,
+    ],
+)
+def test_token_of_another_type(world: World, typ: Any) -> None:
+    """Attack: cross-JWT confusion, a validly signed token of another kind (transaction token,
+    SET, DPoP proof, ...) presented as an access token. Defence: `typ` must be one of the
+    issuer's tokenTypes (token_type_invalid)."""
+    denied(world.ask(world.raw(world.header(typ=typ))), Reason.TOKEN_TYPE_INVALID)
+
+
+def test_minted_at_jwt_presented_to_an_issuer_that_accepts_only_jwt() -> None:
+    """Attack: a token one exchange minted (`typ: at+jwt`) is presented to a second exchange
+    that trusts the first one's issuer for plain JWTs only (`tokenTypes: [JWT]`). Defence: the
+    typ check refuses it (token_type_invalid); accepting `at+jwt` there is an explicit choice."""
+    first = make_world()
+    minted = first.ask(first.token())
+    assert minted.token is not None
+
+    def second(token_types: list[str]) -> World:
+        text = policy_text(token_types=token_types)
+        doc = yaml.safe_load(text)
+        doc["exchange"]["issuer"] = "https://exchange-b.shop.svc"
+        doc["trustedIssuers"][0].update(issuer=EXCHANGE_ISS, audiences=[PROFILE])
+        doc["rules"][0]["match"]["workloads"] = [PROFILE]
+        policy = compile_policy(yaml.safe_dump(doc), source="second.yaml")
+        keys = parse_jwks(json.dumps(jwks_document([first.signing])).encode())
+        snap = build_snapshot_from(policy, {IDP_ID: keys}, [generate_signing_key()])
+        return World(first.idp, generate_signing_key(), snap)
+
+    strict = second(["JWT"])
+    denied(strict.ask(minted.token, principal=PROFILE), Reason.TOKEN_TYPE_INVALID)
+    # Control: the same token passes that check where at+jwt is accepted.
+    lax = second(["JWT", "at+jwt"])
+    allowed(lax.ask(minted.token, principal=PROFILE), "orders-read-profile")
+
+
+# --- serialisation and the Authorization header ---------------------------------------------------
+
+
+def _malformed_tokens(w: World) -> dict[str, str]:
+    good = w.token()
+    head, body, sig = good.split(".")
+    dup_header = b64url(b'{"alg":"ES256","kid":"%s","alg":"none"}' % w.idp.key.kid.encode())
+    dup_claims = json.dumps(subject_claims())[:-1] + ', "sub": "admin"}'
+    nan_header = b64url(b'{"alg":NaN}')
+    non_utf8 = json.dumps(subject_claims(sub="user-X")).encode().replace(b"user-X", b"user-\xff")
+    return {
+        "two parts": f"{head}.{body}",
+        "four parts": f"{good}.{sig}",
+        "five parts (JWE-shaped)": f"{head}.{body}.{sig}.{sig}.{sig}",
+        "empty header": f".{body}.{sig}",
+        "empty payload": f"{head}..{sig}",
+        "only dots": "..",
+        "padding in every part": f"{head}==.{body}=.{sig}=",
+        "padding in the signature": f"{good}==",
+        "standard base64 alphabet": f"{head}.{body}.{sig}+/",
+        "tilde": f"{head}.{body}~.{sig}",
+        "header not JSON": f"{b64url(b'alg=ES256')}.{body}.{sig}",
+        "header a JSON array": f"{b64url(b'[1]')}.{body}.{sig}",
+        "header NaN": f"{nan_header}.{body}.{sig}",
+        "duplicate alg in header": sign_parts(w.idp.key, dup_header, body),
+        "duplicate sub in payload": sign_parts(w.idp.key, head, b64url(dup_claims.encode())),
+        "non-UTF-8 payload": sign_parts(w.idp.key, head, b64url(non_utf8)),
+        "UTF-16 payload": sign_parts(
+            w.idp.key, head, b64url(json.dumps(subject_claims()).encode("utf-16"))
+        ),
+        "bad base64 length": f"{head}.{body}A.{sig}",
+    }
+
+
+MALFORMED = [
+    "two parts",
+    "four parts",
+    "five parts (JWE-shaped)",
+    "empty header",
+    "empty payload",
+    "only dots",
+    "padding in every part",
+    "padding in the signature",
+    "standard base64 alphabet",
+    "tilde",
+    "header not JSON",
+    "header a JSON array",
+    "header NaN",
+    "duplicate alg in header",
+    "duplicate sub in payload",
+    "non-UTF-8 payload",
+    "UTF-16 payload",
+    "bad base64 length",
+]
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_compact_serialisation(world: World, case: str) -> None:
+    """Attack: a token that different parsers read differently (wrong part count, empty parts,
+    padding, another base64 alphabet, duplicate JSON keys, non-UTF-8 or non-JSON content).
+    Defence: one strict parser, run before anything is trusted (token_malformed)."""
+    tokens = _malformed_tokens(world)
+    assert set(tokens) == set(MALFORMED)
+    denied(world.ask(tokens[case]), Reason.TOKEN_MALFORMED)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer {tok},Bearer {tok}",  # two Authorization headers, as Envoy joins them
+        "Bearer {tok}, Bearer {tok}",
+        "Bearer {tok},Bearer {other}",
+        "Bearer {tok},{other}",
+        "Bearer  {tok}",  # two spaces
+        "Bearer {tok} ",  # trailing space
+        " Bearer {tok}",  # leading space
+        "Bearer\t{tok}",
+        "Bearer {tok}\n",
+        "Bearer\n{tok}",
+        "Basic dXNlcjpwYXNzd29yZA==",
+        "Basic {tok}",
+        "Token {tok}",
+        "DPoP {tok}",
+        "{tok}",  # no scheme at all
+        "Bearer",
+        "Bearer ",
+        "Bearer {head} .{rest}",  # whitespace inside the token
+        "Bearer {head}\t.{rest}",
+        'Bearer {{"payload":"{body}","signatures":[{{"protected":"{head}","signature":"AA"}}]}}',
+        'Bearer {{"payload":"{body}","protected":"{head}","signature":"AA"}}',
+    ],
+)
+def test_authorization_header_confusion(world: World, value: str) -> None:
+    """Attack: more than one credential, another scheme, stray whitespace, a JWS JSON
+    serialisation, hoping that we and the upstream pick different tokens. Defence: exactly one
+    `Bearer <compact JWS>` in one header, nothing else (token_malformed)."""
+    tok, other = world.token(), world.token(sub="user-2")
+    head, _, _ = tok.partition(".")
+    rest = tok[len(head) + 1 :]
+    body = tok.split(".")[1]
+    authorization = value.format(tok=tok, other=other, head=head, rest=rest, body=body)
+    denied(world.ask(authorization=authorization), Reason.TOKEN_MALFORMED)
+
+
+def test_two_authorization_headers_through_the_edge(world: World) -> None:
+    """Attack: two Authorization headers sent separately (Envoy's `encode_raw_headers` keeps
+    them apart in `header_map`). Defence: the edge joins them with ',' like Envoy does, and the
+    joined value is not one bearer token."""
+    http = attribute_context_pb2.AttributeContext.HttpRequest(
+        method="GET",
+        host=HOST,
+        path=CUSTOMER,
+        header_map=base_pb2.HeaderMap(
+            headers=[
+                base_pb2.HeaderValue(
+                    key="authorization", raw_value=f"Bearer {world.token()}".encode()
+                ),
+                base_pb2.HeaderValue(
+                    key="Authorization", raw_value=f"Bearer {world.token(sub='x')}".encode()
+                ),
+            ]
+        ),
+    )
+    request = external_auth_pb2.CheckRequest(
+        attributes=attribute_context_pb2.AttributeContext(
+            source=attribute_context_pb2.AttributeContext.Peer(principal=ORDERS),
+            request=attribute_context_pb2.AttributeContext.Request(http=http),
+        )
+    )
+    decision = decide(check_input(request), world.snap, NOW, _ids())
+    denied(decision, Reason.TOKEN_MALFORMED)
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+def test_bearer_scheme_in_another_case_is_accepted(world: World, scheme: str) -> None:
+    """DECISION: the auth-scheme is case-insensitive (RFC 7235 2.1), so `bearer <tok>` is
+    accepted; only the scheme's case is relaxed, nothing else about the header."""
+    allowed(world.ask(authorization=f"{scheme} {world.token()}"), "orders-read-profile")
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["x-access-token", "x-forwarded-access-token", "proxy-authorization", "txn-token", "cookie"],
+)
+def test_token_in_another_header_only(world: World, header: str) -> None:
+    """Attack: the credential is put somewhere other than Authorization, hoping a lax reader
+    picks it up. Defence: only `authorization` is read (token_missing)."""
+    value = f"Bearer {world.token()}" if header != "cookie" else f"access_token={world.token()}"
+    denied(world.ask(headers={header: value}), Reason.TOKEN_MISSING)
+
+
+def test_oversized_token(world: World) -> None:
+    """Attack: a huge token (memory and CPU before the signature check). Defence: anything over
+    `exchange.maxTokenBytes` (8192 by default) is refused unparsed (token_too_large)."""
+    limit = world.snap.policy.exchange.max_token_bytes
+    assert limit == 8192
+    padded = world.token(pad="x" * 9000)
+    assert len(padded) > limit
+    denied(world.ask(padded), Reason.TOKEN_TOO_LARGE)
+    denied(world.ask(authorization="Bearer " + "A" * (limit + 1)), Reason.TOKEN_TOO_LARGE)
+    denied(world.ask(authorization="Bearer " + "A." * 100_000), Reason.TOKEN_TOO_LARGE)
+
+
+def test_deeply_nested_json_in_an_unverified_token(world: World) -> None:
+    """Attack: JSON nested thousands deep (recursion exhaustion in the parser). Defence: the
+    size limit and a parser that turns RecursionError into token_malformed."""
+    big = make_world(max_token_bytes=65536)
+    body = b64url(b"[" * 20_000 + b"]" * 20_000)
+    token = f"{b64json({'alg': 'ES256'})}.{body}.AA"
+    assert len(token) < 65536
+    denied(big.ask(token), Reason.TOKEN_MALFORMED)
+
+
+# --- another trusted issuer ----------------------------------------------------------------------
+
+
+def test_token_of_a_trusted_issuer_the_rule_does_not_accept() -> None:
+    """Attack: a second, less trusted issuer (a partner IdP the policy trusts for other rules)
+    mints a token for a rule that accepts only the corporate IdP; or signs a token that CLAIMS
+    the corporate `iss` with its own key. Defence: rules name their issuers, and a token is
+    verified only with the keys of the issuer its `iss` names."""
+    corp, partner = Idp(IDP_ISS), Idp("https://partner.example.org", alg="EdDSA")
+    doc = yaml.safe_load(policy_text())
+    doc["trustedIssuers"].append(
+        {
+            "id": "partner-idp",
+            "issuer": partner.issuer,
+            "jwks": {"file": "issuers/partner.json"},
+            "audiences": [IDP_AUD],
+            "algorithms": ["EdDSA"],
+        }
+    )
+    policy = compile_policy(yaml.safe_dump(doc), source="two-issuers.yaml")
+    keys = {
+        IDP_ID: parse_jwks(json.dumps(corp.jwks()).encode()),
+        "partner-idp": parse_jwks(json.dumps(partner.jwks()).encode()),
+    }
+    w = World(
+        corp, generate_signing_key(), build_snapshot_from(policy, keys, [generate_signing_key()])
+    )
+    partner_token = partner.key.sign(subject_claims(iss=partner.issuer), "at+jwt")
+    denied(w.ask(partner_token), Reason.NO_RULE)
+    posing = sign_raw(partner.key, {"alg": "EdDSA", "kid": partner.key.kid}, subject_claims())
+    denied(w.ask(posing), Reason.ALGORITHM_NOT_ALLOWED)  # corp-idp allows ES256 only
+    posing = sign_raw(partner.key, {"alg": "ES256", "kid": partner.key.kid}, subject_claims())
+    denied(w.ask(posing), Reason.KEY_UNKNOWN)  # the partner's kid is no corp key
+    allowed(w.ask(w.token()), "orders-read-profile")
+
+
+# --- request line confusion ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "method", "expected"),
+    [
+        ("PROFILE.shop.svc.cluster.local:8443", "GET", "orders-read-profile"),  # documented
+        ("profile.shop.svc.cluster.local.", "GET", "orders-read-profile"),  # FQDN dot
+        ("profile.shop.svc.cluster.local.evil.example", "GET", Reason.NO_RULE),
+        ("evil.example:profile.shop.svc.cluster.local", "GET", Reason.NO_RULE),
+        ("profile.shop.svc.cluster.local@evil.example", "GET", Reason.NO_RULE),
+        ("evil.example/profile.shop.svc.cluster.local", "GET", Reason.NO_RULE),
+        ("profile.shop.svc.cluster.loca", "GET", Reason.NO_RULE),
+        ("prof\u0456le.shop.svc.cluster.local", "GET", Reason.NO_RULE),  # Cyrillic i
+        ("", "GET", Reason.NO_RULE),
+        (HOST, "get", Reason.NO_RULE),  # methods compare exactly, upper case
+        (HOST, "GET ", Reason.NO_RULE),
+        (HOST, "HEAD", Reason.NO_RULE),  # HEAD is not GET
+        (HOST, "POST", Reason.NO_RULE),
+        (HOST, "", Reason.NO_RULE),
+    ],
+)
+def test_host_and_method_confusion(world: World, host: str, method: str, expected: Any) -> None:
+    """Attack: a Host or method that a lenient matcher would fold onto a rule (suffix and
+    userinfo tricks, look-alike letters, lower-case or padded methods). Defence: the host is
+    compared exactly after removing only the port and a trailing dot, lower-cased; methods are
+    compared exactly."""
+    decision = world.ask(world.token(), host=host, method=method)
+    if isinstance(expected, Reason):
+        denied(decision, expected)
+    else:
+        assert allowed(decision, expected)["req"]["host"] == HOST
+
+
+# --- spoofed workload identity --------------------------------------------------------------------
+
+
+def test_xfcc_from_an_untrusted_hop_is_ignored(hop_world: World) -> None:
+    """Attack: a peer that is not a configured trusted hop sends an XFCC header naming a
+    privileged workload. Defence: XFCC is ignored; the caller is the mTLS peer itself."""
+    xfcc = {"x-forwarded-client-cert": f"By={GATEWAY};URI={ORDERS}"}
+    decision = hop_world.ask(hop_world.token(), principal=EVIL, headers=xfcc)
+    denied(decision, Reason.NO_RULE)
+    assert decision.caller == EVIL
+
+
+def test_xfcc_ignored_when_no_hop_is_trusted(world: World) -> None:
+    """Attack: the gateway's own (genuine) XFCC, but the policy names no trusted hops.
+    Defence: XFCC is off by default; the gateway itself has no rule."""
+    xfcc = {"x-forwarded-client-cert": f"By={GATEWAY};URI={ORDERS}"}
+    decision = world.ask(world.token(), principal=GATEWAY, headers=xfcc)
+    denied(decision, Reason.NO_RULE)
+    assert decision.caller == GATEWAY
+
+
+@pytest.mark.parametrize(
+    ("xfcc", "reason"),
+    [
+        # quoted separators smuggling a second element into one value
+        (f'By={GATEWAY};URI="{ORDERS},By={GATEWAY};URI={ORDERS}"', Reason.WORKLOAD_UNIDENTIFIED),
+        (f'By={GATEWAY};URI="{ORDERS},By=x"', Reason.WORKLOAD_UNIDENTIFIED),
+        (f'By={GATEWAY};URI="{ORDERS};By=x"', Reason.WORKLOAD_UNIDENTIFIED),
+        (f'By={GATEWAY};URI="{ORDERS}\\",By={GATEWAY}"', Reason.WORKLOAD_UNIDENTIFIED),
+        # an element the client wrote before the hop's own one: the last element is the hop's
+        (f"By={GATEWAY};URI={ORDERS},By={GATEWAY};URI={EVIL}", Reason.NO_RULE),
+        # the last element was not appended by the hop we are talking to
+        (f"By={GATEWAY};URI={EVIL},By={CHECKOUT};URI={ORDERS}", Reason.WORKLOAD_UNIDENTIFIED),
+        (f"By={CHECKOUT};URI={ORDERS}", Reason.WORKLOAD_UNIDENTIFIED),
+        (f"URI={ORDERS}", Reason.WORKLOAD_UNIDENTIFIED),
+        (f"By={GATEWAY}/;URI={ORDERS}", Reason.WORKLOAD_UNIDENTIFIED),
+        (f"By={GATEWAY},URI={ORDERS}", Reason.WORKLOAD_UNIDENTIFIED),
+        # two identities, or one that is not a valid SPIFFE ID
+        (f"By={GATEWAY};URI={ORDERS};URI={EVIL}", Reason.WORKLOAD_UNIDENTIFIED),
+        (
+            f"By={GATEWAY};URI=spiffe://CLUSTER.local/ns/shop/sa/orders",
+            Reason.WORKLOAD_UNIDENTIFIED,
+        ),
+        (f"By={GATEWAY};URI={ORDERS}/", Reason.WORKLOAD_UNIDENTIFIED),
+        (f"By={GATEWAY};URI=spiffe://other.domain/ns/shop/sa/orders", Reason.WORKLOAD_UNTRUSTED),
+        ("x" * 20_000, Reason.WORKLOAD_UNIDENTIFIED),  # over the 16 KiB XFCC limit
+    ],
+)
+def test_xfcc_spoofing_through_a_trusted_hop(hop_world: World, xfcc: str, reason: Reason) -> None:
+    """Attack: XFCC tricks through a trusted hop: quoted separators that a naive split would
+    turn into a second element, client-written elements before the hop's, an element By another
+    proxy, several or invalid URIs. Defence: a quote-aware parser; only the LAST element counts,
+    only if its `By` is exactly the hop, and only with one valid SPIFFE `URI`."""
+    decision = hop_world.ask(
+        hop_world.token(), principal=GATEWAY, headers={"x-forwarded-client-cert": xfcc}
+    )
+    denied(decision, reason)
+    assert decision.caller in (None, EVIL)
+
+
+@pytest.mark.parametrize(
+    "principal",
+    [
+        "spiffe://CLUSTER.local/ns/shop/sa/orders",  # upper-case trust domain
+        "spiffe://Cluster.Local/ns/shop/sa/orders",
+        "spiffe://cluster.local/ns/shop/sa/orders/",  # trailing slash
+        "spiffe://cluster.local/ns/shop/sa/x/../orders",  # dot-dot segment
+        "spiffe://cluster.local/ns/shop/./sa/orders",
+        "spiffe://cluster.local/ns//shop/sa/orders",  # empty segment
+        "spiffe://cluster.local/ns/shop/sa/%6frders",  # percent-encoding
+        "spiffe://cluster.local/ns/shop/sa/orders%2F..",
+        "spiffe://",  # scheme only
+        "spiffe:///ns/shop/sa/orders",  # no trust domain
+        "spiffe://user@cluster.local/ns/shop/sa/orders",  # userinfo
+        "spiffe://cluster.local:443/ns/shop/sa/orders",  # port
+        "spiffe://cluster.local/ns/shop/sa/orders?x=1",  # query
+        "spiffe://cluster.local/ns/shop/sa/orders#x",  # fragment
+        "spiffe://cluster.local/ns/shop/sa/ordérs",  # non-ASCII
+        "http://cluster.local/ns/shop/sa/orders",  # another scheme
+        "https://cluster.local/ns/shop/sa/orders",
+        "cluster.local/ns/shop/sa/orders",  # Istio's principal spelling
+        "CN=orders,O=shop",  # a certificate subject
+        "spiffe://cluster.local/" + "a/" * 1100 + "orders",  # over 2048 bytes
+        "",
+    ],
+)
+def test_principal_that_is_not_a_valid_spiffe_id(world: World, principal: str) -> None:
+    """Attack: a `source.principal` that only resembles a SPIFFE ID (case, dot segments,
+    percent-encoding, trailing slash, another scheme), hoping for a lenient or folding match.
+    Defence: strict SPIFFE ID parsing; anything else is workload_unidentified."""
+    denied(world.ask(world.token(), principal=principal), Reason.WORKLOAD_UNIDENTIFIED)
+
+
+@pytest.mark.parametrize(
+    "principal",
+    [
+        "spiffe://other.domain/ns/shop/sa/orders",
+        "spiffe://cluster.local.evil/ns/shop/sa/orders",
+        "spiffe://evil.cluster.local/ns/shop/sa/orders",
+        "spiffe://cluster.loca/ns/shop/sa/orders",
+    ],
+)
+def test_workload_from_another_trust_domain(world: World, principal: str) -> None:
+    """Attack: a valid SPIFFE ID from a trust domain we do not trust, with the same path as a
+    privileged workload (or a look-alike domain). Defence: exact trust domain match
+    (workload_untrusted)."""
+    denied(world.ask(world.token(), principal=principal), Reason.WORKLOAD_UNTRUSTED)
+
+
+# --- path confusion -------------------------------------------------------------------------------
+#
+# The defence: the sidecar normalises the raw path the way the upstream resolves it (RFC 3986
+# dot segments, unreserved percent-escapes decoded, duplicate slashes merged, query and fragment
+# dropped) and refuses what has no single safe meaning (escaped separators, ';', '\\', controls,
+# non-ASCII). The shipped envoy.yaml makes Envoy do the same before routing (normalize_path,
+# merge_slashes, escaped slashes rejected), so an allow is only ever for the rule whose template
+# matches the path the upstream routes. Rule `orders-read-profile` is GET /v1/customers/{id}
+# (aud profile), `orders-list-charges` GET /v1/charges (aud payments).
+
+PROFILE_RULE = "orders-read-profile"
+CHARGES_RULE = "orders-list-charges"
+
+PATH_CASES: list[tuple[str, str | Reason, str]] = [
+    # (raw path, expected rule id or deny reason, the path the upstream routes / why)
+    ("/v1/customers/42/../../admin", Reason.NO_RULE, "/v1/admin"),
+    ("/v1/charges/../customers/42", PROFILE_RULE, "/v1/customers/42"),
+    ("/v1/customers/7/../42", PROFILE_RULE, "/v1/customers/42"),
+    ("/v1/x/%2e%2e/customers/42", PROFILE_RULE, "/v1/customers/42"),
+    ("/v1/x/%2E%2E/customers/42", PROFILE_RULE, "/v1/customers/42"),
+    ("/v1/customers/%2E%2E/", Reason.NO_RULE, "/v1/"),
+    ("/v1/customers/42/%2e%2e", Reason.NO_RULE, "/v1/customers/"),
+    ("/../v1/customers/42", Reason.PATH_INVALID, "climbs above the root"),
+    ("/%2e%2e/v1/customers/42", Reason.PATH_INVALID, "climbs above the root"),
+    ("/v1/customers/42%2f..%2f..%2fadmin", Reason.PATH_INVALID, "escaped '/'"),
+    ("/v1/customers%2F42", Reason.PATH_INVALID, "escaped '/'"),
+    ("/v1/customers/42%5c..%5cadmin", Reason.PATH_INVALID, "escaped '\\'"),
+    ("/v1\\customers\\42", Reason.PATH_INVALID, "raw '\\'"),
+    ("//v1/customers/42", PROFILE_RULE, "/v1/customers/42 (merge_slashes)"),
+    ("/v1//customers///42", PROFILE_RULE, "/v1/customers/42 (merge_slashes)"),
+    ("/v1/./customers/./42", PROFILE_RULE, "/v1/customers/42"),
+    ("/v1/customers/42;x=1", Reason.PATH_INVALID, "';' parameters"),
+    ("/v1/customers;/42", Reason.PATH_INVALID, "';' parameters"),
+    ("/v1/charges;jsessionid=1", Reason.PATH_INVALID, "';' parameters"),
+    ("/v1/customers/42%3b", Reason.PATH_INVALID, "escaped ';'"),
+    ("/V1/customers/42", Reason.NO_RULE, "/V1/customers/42 (case-sensitive)"),
+    ("/v1/Customers/42", Reason.NO_RULE, "/v1/Customers/42 (case-sensitive)"),
+    ("/v1/charges?/v1/customers/42", CHARGES_RULE, "/v1/charges (query dropped)"),
+    ("/v1/charges?x=/../customers/42", CHARGES_RULE, "/v1/charges (query dropped)"),
+    ("/v1/charges#/v1/customers/42", CHARGES_RULE, "/v1/charges (fragment dropped)"),
+    ("/v1/customers/42#/../../admin", PROFILE_RULE, "/v1/customers/42 (fragment dropped)"),
+    ("/v1/charges%3F/v1/customers/42", Reason.NO_RULE, "one segment 'charges%3F'"),
+    ("/v1/customers/42/", Reason.NO_RULE, "/v1/customers/42/ (trailing slash kept)"),
+    ("/v1/customers/", Reason.NO_RULE, "{id} needs a non-empty segment"),
+    ("/v1/charges/", Reason.NO_RULE, "/v1/charges/ (trailing slash kept)"),
+    ("/v1/customers/42%00", Reason.PATH_INVALID, "escaped NUL"),
+    ("/v1/customers/42%00.json", Reason.PATH_INVALID, "escaped NUL"),
+    ("/v1/customers/42\x00", Reason.PATH_INVALID, "raw NUL"),
+    ("/v1/customers/42%0d%0aX-Injected:1", Reason.PATH_INVALID, "escaped CR LF"),
+    ("/v1/customers/42%25", Reason.PATH_INVALID, "escaped '%'"),
+    ("/v1/customers/42%252f", Reason.PATH_INVALID, "double encoding"),
+    ("/v1/customers/42%zz", Reason.PATH_INVALID, "broken escape"),
+    ("/v1/customers/４２", Reason.PATH_INVALID, "non-ASCII"),
+    ("/v1/customers/%34%32", PROFILE_RULE, "/v1/customers/42 (unreserved escapes decoded)"),
+    ("/v1/%63ustomers/42", PROFILE_RULE, "/v1/customers/42 (unreserved escapes decoded)"),
+    ("/v1/%63harges", CHARGES_RULE, "/v1/charges (unreserved escapes decoded)"),
+    ("http://profile.shop.svc.cluster.local/v1/customers/42", Reason.PATH_INVALID, "absolute"),
+    ("*", Reason.PATH_INVALID, "asterisk-form"),
+    ("v1/customers/42", Reason.PATH_INVALID, "not origin-form"),
+    ("", Reason.PATH_INVALID, "empty"),
+    ("/v1/customers/" + "4" * 5000, Reason.PATH_INVALID, "over 4096 characters"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected", "routed"), PATH_CASES, ids=[c[0][:60] for c in PATH_CASES]
+)
+def test_path_confusion(world: World, raw: str, expected: str | Reason, routed: str) -> None:
+    """Attack: a path that the sidecar and the upstream could read differently (dot segments,
+    encoded dots and slashes, `;` parameters, case, query or fragment that look like a path,
+    trailing slash, NUL). Defence: one strict normalisation that matches what the upstream
+    routes, or a deny; an allow is only ever for the rule of the path the upstream routes."""
+    decision = world.ask(world.token(), path=raw)
+    if isinstance(expected, Reason):
+        denied(decision, expected)
+        return
+    claims = allowed(decision, expected)
+    path = routed.split(" ")[0]
+    assert claims["req"]["path"] == path
+    assert claims["aud"] == (PROFILE if expected == PROFILE_RULE else PAYMENTS)
