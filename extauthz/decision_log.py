@@ -44,12 +44,22 @@ def record(decision: Decision, latency_s: float, request_id: str, now: float) ->
 
 
 class DecisionLog:
+    """Lines are written as decisions happen and flushed by ``flush()``, which the server calls
+    a few times a second and at shutdown: a flush (a system call) per decision cost more than
+    the rest of the log line. Each line is still written whole, in one call."""
+
     def __init__(self, stream: IO[str] | None) -> None:
         self._stream = stream
+        self._dirty = False
 
     def write(self, decision: Decision, latency_s: float, request_id: str, now: float) -> None:
         if self._stream is None:
             return
         line = record(decision, latency_s, request_id, now)
         self._stream.write(json.dumps(line, separators=(",", ":")) + "\n")
-        self._stream.flush()
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._stream is not None and self._dirty:
+            self._dirty = False
+            self._stream.flush()

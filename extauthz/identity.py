@@ -7,6 +7,7 @@ anything it does not fully understand; callers treat that as "unidentified" and 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ class SpiffeId:
         return f"{_PREFIX}{self.trust_domain}{self.path}"
 
 
+# Callers repeat: the same few principals and certificates arrive on every request of a
+# connection. The parsers are pure and their results immutable, so a bounded memo is safe.
+@functools.lru_cache(maxsize=4096)
 def parse_spiffe_id(text: str) -> SpiffeId | None:
     """Parse a SPIFFE ID per the SPIFFE ID spec, or None if it is not a valid one.
 
@@ -51,6 +55,7 @@ def parse_spiffe_id(text: str) -> SpiffeId | None:
     return SpiffeId(domain, "/" + path)
 
 
+@functools.lru_cache(maxsize=1024)
 def certificate_thumbprint(cert_pem: str) -> str | None:
     """RFC 8705 ``x5t#S256`` of a PEM certificate: base64url SHA-256 of its DER.
 

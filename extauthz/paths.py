@@ -7,6 +7,7 @@ safe meaning and returns None for anything whose meaning depends on the upstream
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 Segments = tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=8192)  # pure, immutable result; request paths repeat
 def normalise(raw: str) -> Segments | None:
     """Split a raw request target into normalised path segments, or None if unsafe.
 

@@ -7,6 +7,7 @@ replacing one is the caller's business (and only with one that compiled).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterator, Mapping
@@ -254,6 +255,7 @@ class Policy:
         return None
 
 
+@functools.lru_cache(maxsize=1024)
 def normalise_host(host: str) -> str:
     """Lower-case, without a port or a trailing dot. Rules name hosts without ports. A
     non-ASCII host matches nothing (Unicode case folding would turn a Kelvin sign into 'k')."""

@@ -283,6 +283,7 @@ async def serve_single(
         admin_port = await admin.start(addresses.admin)
         log.info("admin HTTP on %s:%d", split_address(addresses.admin)[0], admin_port)
     reloader = asyncio.create_task(runtime.run(stop))
+    flusher = asyncio.create_task(_flush_periodically(sidecar.decision_log))
     await stop.wait()
     log.info(
         "stopping: NOT_SERVING for %.1fs, then up to %.1fs for in-flight checks", drain_delay, grace
@@ -291,9 +292,23 @@ async def serve_single(
         await front.stop(grace, drain_delay)
     if admin is not None:
         await admin.stop()
-    reloader.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reloader
+    for task in (reloader, flusher):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    sidecar.decision_log.flush()
+
+
+LOG_FLUSH_INTERVAL = 0.1
+
+
+async def _flush_periodically(decision_log: DecisionLog) -> None:
+    while True:
+        await asyncio.sleep(LOG_FLUSH_INTERVAL)
+        try:
+            decision_log.flush()
+        except (OSError, ValueError):
+            log.exception("decision log flush failed")
 
 
 def configure_logging(level: str = "INFO") -> None:

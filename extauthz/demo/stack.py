@@ -110,6 +110,8 @@ class SidecarProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def decisions(self) -> list[dict[str, Any]]:
+        # The sidecar flushes its decision log every LOG_FLUSH_INTERVAL (0.1 s).
+        time.sleep(0.3)
         if not self.decision_log.exists():
             return []
         lines = self.decision_log.read_text().splitlines()
