@@ -22,6 +22,16 @@ from .reasons import Reason
 _APPEND_FALSE = wrappers_pb2.BoolValue(value=False)
 
 
+# Envoy's own defaults are lower (100 headers, 60 KiB); these bound what we parse even when an
+# Envoy is configured more generously.
+MAX_HEADERS = 200
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class RequestTooLarge(ValueError):
+    """More headers, or more header bytes, than we are willing to look at."""
+
+
 def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
     attrs = request.attributes
     http = attrs.request.http
@@ -33,6 +43,10 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
             value = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
             key = hv.key.lower()
             headers[key] = f"{headers[key]},{value}" if key in headers else value
+    if len(headers) > MAX_HEADERS:
+        raise RequestTooLarge(f"{len(headers)} headers")
+    if sum(len(k) + len(v) for k, v in headers.items()) > MAX_HEADER_BYTES:
+        raise RequestTooLarge("header bytes over the limit")
     cert = attrs.source.certificate
     return CheckInput(
         method=http.method,

@@ -42,6 +42,9 @@ class Reason(enum.Enum):
     AUDIENCE_MISMATCH = ("audience_mismatch", 401, Challenge.INVALID_TOKEN)
     CLAIM_INVALID = ("claim_invalid", 401, Challenge.INVALID_TOKEN)
 
+    # the request as a whole
+    REQUEST_TOO_LARGE = ("request_too_large", 431, Challenge.NONE)
+
     # identify: 403, the calling workload is not who may call
     WORKLOAD_UNIDENTIFIED = ("workload_unidentified", 403, Challenge.NONE)
     WORKLOAD_UNTRUSTED = ("workload_untrusted", 403, Challenge.NONE)

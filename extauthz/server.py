@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import metrics
 from .core import Decision, Snapshot, decide
 from .decision_log import DecisionLog
-from .edge import check_input, check_response, deny_response
+from .edge import RequestTooLarge, check_input, check_response, deny_response
 from .jose import jwks_document
 from .reasons import Reason
 
@@ -68,6 +68,9 @@ class Sidecar:
                 inp = check_input(request)
                 request_id = inp.request_id
                 decision = decide(inp, snap, now, new_jti)
+            response = check_response(decision)
+        except RequestTooLarge as exc:
+            decision = Decision(Reason.REQUEST_TOO_LARGE, str(exc))
             response = check_response(decision)
         except Exception:
             log.exception("internal error while deciding; denying")

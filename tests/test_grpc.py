@@ -590,3 +590,14 @@ def test_serve_requires_a_key_or_dev(tmp_path: Path, example_policy_text: str) -
     stderr = assert_refused(serve(tmp_path, "--policy", str(config.policy)))
     assert "--signing-key" in stderr
     assert "--dev" in stderr
+
+
+def test_too_many_headers_is_a_431_deny_not_an_error(stack: Any) -> None:
+    """The sidecar bounds what it parses: over 200 headers is a deny inside the response."""
+    request = check_request(request_id="many-headers")
+    for index in range(250):
+        request.attributes.request.http.headers[f"x-filler-{index}"] = "v"
+    response = stack.send(request)
+    assert response.status.code != 0
+    assert response.denied_response.status.code == 431
+    assert json.loads(response.denied_response.body) == {"error": "request_too_large"}
