@@ -21,10 +21,11 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import yaml
+
+from .lifecycle import Started
 
 LISTENER_NAME = "ingress"
 AUTHZ_CLUSTER = "extauthz"
@@ -114,7 +115,7 @@ def validate_config(config: dict[str, Any], workdir: Path) -> None:
         raise RuntimeError(f"envoy rejected {path} (exit {result.returncode}):\n{output}")
 
 
-class Envoy:
+class Envoy(Started):
     """One Envoy process, with its config and log in `workdir`."""
 
     def __init__(
@@ -170,18 +171,6 @@ class Envoy:
             if entry.get("name") == name and isinstance(entry.get("value"), int):
                 return int(entry["value"])
         return 0
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _spawn(self, config_path: Path) -> subprocess.Popen[bytes]:
         argv = [

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+from clikit import EXTRA_RULE, in_process
 
-from extauthz.cli import main
 from extauthz.diff import NARROWS, NEUTRAL, WIDENS, Change, diff_policies
 from extauthz.policy import compile_policy
 
@@ -23,21 +21,6 @@ READ = "orders-read-profile"
 READ_GRANT_SCOPES = "      scopes: [profile.read]\n      ttl: 30s"
 ORDERS_WL = "workloads: [spiffe://cluster.local/ns/shop/sa/orders]"
 
-EXTRA_RULE = """
-  - id: orders-delete-profile
-    purpose: The order service erases a customer's profile on request
-    match:
-      workloads: [spiffe://cluster.local/ns/shop/sa/orders]
-      host: profile.shop.svc.cluster.local
-      methods: [DELETE]
-      paths: ["/v1/customers/{id}"]
-      issuers: [corp-idp]
-    require: {scopes: [profile.delete]}
-    grant:
-      audience: spiffe://cluster.local/ns/shop/sa/profile
-      scopes: [profile.delete]
-      ttl: 15s
-"""
 
 PARTNER_ISSUER = """  - id: partner-idp
     issuer: https://partner.example.com
@@ -75,15 +58,6 @@ def diff_cli(
         timeout=60,
         check=False,
     )
-
-
-def in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``extauthz ARGS`` run in this process (fast); same shape as a subprocess result."""
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 WIDER_SCOPES = edit(

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clikit import in_process
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import json_format
 
-from extauthz.cli import main
 from extauthz.demo.idp import Idp
 from extauthz.edge import check_input
 from extauthz.explain import explain
@@ -45,15 +43,6 @@ def run(*args: str | Path, real: bool = False) -> subprocess.CompletedProcess[st
         timeout=60,
         check=False,
     )
-
-
-def in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``extauthz ARGS`` run in this process (fast); same shape as a subprocess result."""
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def explain_json(*args: str | Path) -> dict[str, Any]:

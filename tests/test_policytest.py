@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+from clikit import EXTRA_RULE, in_process
 
-from extauthz.cli import main
 from extauthz.policy import compile_policy, load_policy
 from extauthz.policytest import CasesError, Report, load_cases, parse_cases, run_cases
 from extauthz.simulate import Simulator
@@ -45,15 +43,6 @@ def ptest(*args: str | Path, real: bool = False) -> subprocess.CompletedProcess[
         timeout=60,
         check=False,
     )
-
-
-def in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``extauthz ARGS`` run in this process (fast); same shape as a subprocess result."""
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def write(path: Path, text: str) -> Path:
@@ -163,22 +152,6 @@ def test_expected_reason_is_checked() -> None:
 
 
 # --- coverage --------------------------------------------------------------------------------
-
-EXTRA_RULE = """
-  - id: orders-delete-profile
-    purpose: The order service erases a customer's profile on request
-    match:
-      workloads: [spiffe://cluster.local/ns/shop/sa/orders]
-      host: profile.shop.svc.cluster.local
-      methods: [DELETE]
-      paths: ["/v1/customers/{id}"]
-      issuers: [corp-idp]
-    require: {scopes: [profile.delete]}
-    grant:
-      audience: spiffe://cluster.local/ns/shop/sa/profile
-      scopes: [profile.delete]
-      ttl: 15s
-"""
 
 
 def copy_examples(tmp_path: Path) -> Path:

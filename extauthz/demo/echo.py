@@ -11,8 +11,9 @@ import json
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from ..lifecycle import Started
 
 _HOST = "127.0.0.1"
 
@@ -87,7 +88,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
             self.rfile.read(length)
 
 
-class EchoServer:
+class EchoServer(Started):
     """Echo upstream served from a daemon thread. Port 0 picks a free port."""
 
     def __init__(self, port: int = 0) -> None:
@@ -128,15 +129,3 @@ class EchoServer:
         server.server_close()
         if thread is not None:
             thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

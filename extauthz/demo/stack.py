@@ -17,9 +17,9 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from ..lifecycle import Started
 from .pki import CertPair
 
 LOOPBACK = "127.0.0.1"
@@ -40,7 +40,7 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return int(exc.code), exc.read()
 
 
-class SidecarProcess:
+class SidecarProcess(Started):
     """``extauthz serve`` in a child process; the decision log goes to a file we can read."""
 
     def __init__(
@@ -123,18 +123,6 @@ class SidecarProcess:
         except OSError:
             return ""
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 @dataclass(frozen=True, slots=True)
 class Response:
@@ -192,7 +180,7 @@ WORKLOADS = {
 }
 
 
-class Mesh:
+class Mesh(Started):
     """Everything the demo and the end-to-end tests run, started in dependency order and
     stopped in reverse. ``policy_text`` defaults to the shipped example policy; its JWKS path
     ``issuers/corp-idp.json`` is written next to it from a throwaway issuer."""
@@ -268,15 +256,3 @@ class Mesh:
 
     def request(self, workload: str | None, **kwargs: Any) -> Response:
         return https_request(self.listen_port, self.client(workload), **kwargs)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
