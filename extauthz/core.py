@@ -271,9 +271,7 @@ def _verify(token: str, snap: Snapshot) -> Subject | _Deny:
         return _Deny(Reason.CLAIM_INVALID, "iss missing")
     if iss == ex.issuer:
         issuer_id, keys = SELF_ISSUER_ID, snap.own_keys
-        algorithms: frozenset[str] = frozenset({snap.signing_key.alg}) | frozenset(
-            a for k in keys.by_kid.values() for a in k.algorithms
-        )
+        algorithms = keys.algorithms
         types = frozenset({ex.typ})
         audiences: frozenset[str] | None = None  # checked against the caller in authorize
     else:

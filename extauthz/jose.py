@@ -181,6 +181,12 @@ class IssuerKeys:
 
     by_kid: Mapping[str, VerifyKey]
     without_kid: tuple[VerifyKey, ...]
+    # Every algorithm some key here permits, worked out once rather than per request.
+    algorithms: frozenset[str] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        keys = [*self.by_kid.values(), *self.without_kid]
+        object.__setattr__(self, "algorithms", frozenset(a for k in keys for a in k.algorithms))
 
     def candidates(self, kid: str | None, alg: str) -> list[VerifyKey]:
         if kid is not None:

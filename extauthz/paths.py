@@ -24,7 +24,9 @@ _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 Segments = tuple[str, ...]
 
 
-@functools.lru_cache(maxsize=8192)  # pure, immutable result; request paths repeat
+# Pure, immutable result; request paths repeat. Kept small: keys are client-chosen strings of
+# up to MAX_PATH characters, so the bound is also a memory bound (about 8 MiB at worst).
+@functools.lru_cache(maxsize=2048)
 def normalise(raw: str) -> Segments | None:
     """Split a raw request target into normalised path segments, or None if unsafe.
 
