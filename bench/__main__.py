@@ -1,6 +1,6 @@
 """``python -m bench [--quick | --smoke] [--out FILE]``."""
 
-from .run import main
+from bench.run import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

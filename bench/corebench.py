@@ -1,4 +1,4 @@
-"""In-process measurements: ``extauthz.core.decide`` alone, its phases, and JOSE crypto.
+"""In-process measurements: ``decision.pipeline.decide`` alone, its phases, and JOSE crypto.
 
 No gRPC, no sockets: each call is timed with ``time.perf_counter_ns`` around exactly the
 function under test. Sizes are interleaved round by round so that a burst of noise on this
@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .fixtures import Setup, Target, check_request, sign_tokens, write_setup
-from .stats import median, percentile, summary_us
+from bench.fixtures import Setup, Target, check_request, sign_tokens, write_setup
+from bench.stats import median, percentile, summary_us
 
 
 def _new_id() -> str:
@@ -29,9 +29,9 @@ class CoreFixture:
     matches the policy's last rule."""
 
     def __init__(self, setup: Setup) -> None:
+        from extauthz.decision.jose import load_signing_key
         from extauthz.demo.pki import self_signed_pem
-        from extauthz.jose import load_signing_key
-        from extauthz.policy import load_policy
+        from extauthz.policy.compiler import load_policy
 
         started = time.perf_counter()
         self.policy = load_policy(setup.policy)
@@ -47,15 +47,15 @@ class CoreFixture:
     def fresh_snapshot(self, cache_size: int | None = None) -> Any:
         from dataclasses import replace
 
-        from extauthz.core import SubjectCache
-        from extauthz.loader import build_snapshot
+        from extauthz.decision.pipeline import SubjectCache
+        from extauthz.policy.loader import build_snapshot
 
         snap = build_snapshot(self.policy, [self.signing_key])
         size = self.cache_size if cache_size is None else cache_size
         return replace(snap, subject_cache=SubjectCache(size))
 
     def check_input(self, token: str) -> Any:
-        from extauthz.core import CheckInput
+        from extauthz.decision.pipeline import CheckInput
 
         t = self.target
         return CheckInput(
@@ -79,7 +79,7 @@ class CoreFixture:
 
 
 def _time_decisions(snap: Any, inputs: Sequence[Any]) -> tuple[list[int], int]:
-    from extauthz.core import decide
+    from extauthz.decision.pipeline import decide
 
     clock, pc = time.time, time.perf_counter_ns
     samples: list[int] = []
@@ -101,7 +101,7 @@ CHUNK = 100
 
 def _lookup_ns(fx: CoreFixture, iterations: int = 20_000) -> float | None:
     """p50 of the compiled table lookup alone, in ns (None if its API changed)."""
-    from extauthz.core import request_of
+    from extauthz.decision.pipeline import request_of
 
     try:
         request = request_of(fx.check_input("x"))
@@ -233,11 +233,11 @@ def phases(fx: CoreFixture, *, iterations: int, profile_calls: int = 3000) -> di
     around it in Sidecar.check, each timed alone (so the parts only roughly add up), plus a
     cProfile of warm decisions for everything in between. A step whose API changed is
     reported as an error, never fails the run."""
-    from extauthz import core
-    from extauthz.decision_log import DecisionLog
-    from extauthz.edge import check_input, check_response
-    from extauthz.jose import parse_compact, verify_signature
-    from extauthz.server import Sidecar
+    from extauthz.decision import pipeline as core
+    from extauthz.decision.jose import parse_compact, verify_signature
+    from extauthz.serve.decision_log import DecisionLog
+    from extauthz.serve.edge import check_input, check_response
+    from extauthz.serve.server import Sidecar
 
     snap = fx.snapshot
     token = sign_tokens(fx.issuer_key, 1)[0]
@@ -265,7 +265,7 @@ def phases(fx: CoreFixture, *, iterations: int, profile_calls: int = 3000) -> di
         sink.truncate()
 
     def thumbprint() -> Any:
-        from extauthz.identity import certificate_thumbprint
+        from extauthz.decision.identity import certificate_thumbprint
 
         return certificate_thumbprint(inp.peer_certificate)
 
@@ -332,10 +332,9 @@ def profile(fn: Callable[[], Any], calls: int, top: int = 14) -> list[dict[str, 
 
 def run_crypto(iterations: int, rsa_iterations: int) -> dict[str, Any]:
     """Sign (JSON + base64url + signature) and verify (signature only, and with parsing) per
-    algorithm, through extauthz.jose exactly as the exchange does it."""
-    from extauthz.jose import generate_issuer_key, parse_compact, verify_signature
-
-    from .fixtures import subject_claims
+    algorithm, through extauthz.decision.jose exactly as the exchange does it."""
+    from bench.fixtures import subject_claims
+    from extauthz.decision.jose import generate_issuer_key, parse_compact, verify_signature
 
     out: dict[str, Any] = {}
     for alg in ("ES256", "EdDSA", "RS256"):

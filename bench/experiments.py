@@ -40,11 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .fixtures import Setup, client_pki, write_setup
-from .loadgen import Generators, split
-from .scenarios import REPEAT_POOL, Client
-from .servers import LOOPBACK, Proc, free_port
-from .stats import median
+from bench.fixtures import Setup, client_pki, write_setup
+from bench.loadgen import Generators, split
+from bench.scenarios import REPEAT_POOL, Client
+from bench.servers import LOOPBACK, Proc, free_port
+from bench.stats import median
 
 SERVE_VARIANTS = ("serve", "serve-nolog", "serve-nometrics", "serve-freesign", "serve-sync")
 FLOOR_VARIANTS = ("floor", "floor-sync", "floor-raw")
@@ -55,11 +55,11 @@ FLOOR_VARIANTS = ("floor", "floor-sync", "floor-raw")
 
 def _patch(variant: str) -> None:
     if variant == "serve-nometrics":
-        from extauthz import server
+        from extauthz.serve import server
 
         server.Sidecar._account = lambda self, decision, elapsed: None  # type: ignore[method-assign]
     elif variant == "serve-freesign":
-        from extauthz import jose
+        from extauthz.decision import jose
 
         ready: dict[str, str] = {}
         original = jose.SigningKey.sign
@@ -71,7 +71,7 @@ def _patch(variant: str) -> None:
 
         jose.SigningKey.sign = sign  # type: ignore[method-assign]
     elif variant == "serve-sync":
-        from extauthz import server
+        from extauthz.serve import server
 
         server.GrpcFront = _SyncFront  # type: ignore[misc,assignment]
 
@@ -115,7 +115,7 @@ class _SyncFront:
 
 
 async def _floor(variant: str, port: int) -> None:
-    from .floor import allow_response, make_sidecar
+    from bench.floor import allow_response, make_sidecar
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -145,7 +145,7 @@ async def _floor(variant: str, port: int) -> None:
     if variant == "floor-sync":
         front = _SyncFront(make_sidecar())
     else:
-        from extauthz.server import GrpcFront
+        from extauthz.serve.server import GrpcFront
 
         front = GrpcFront(make_sidecar())
     await front.start(f"{LOOPBACK}:{port}")
@@ -253,7 +253,7 @@ def reload_stall(seconds: float = 12.0, rules: int = 10_000) -> dict[str, Any]:
     import os
     import threading
 
-    from .servers import Serve
+    from bench.servers import Serve
 
     workdir = Path(tempfile.mkdtemp(prefix="extauthz-reload-"))
     setup = write_setup(workdir / "setup", rules)
@@ -290,8 +290,8 @@ def reload_stall(seconds: float = 12.0, rules: int = 10_000) -> dict[str, Any]:
 _MEMORY_CHILD = """
 import gc, pickle, sys, time
 from pathlib import Path
-import extauthz.runtime, extauthz.server
-from extauthz.policy import load_policy
+import extauthz.serve.runtime, extauthz.serve.server
+from extauthz.policy.compiler import load_policy
 from bench.loadgen import vm_status
 import os
 before = vm_status(os.getpid())

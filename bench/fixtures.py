@@ -94,7 +94,7 @@ class Setup:
 
 
 def write_setup(directory: Path, rules: int) -> Setup:
-    from extauthz.jose import generate_signing_key, jwks_document, write_private_key
+    from extauthz.decision.jose import generate_signing_key, jwks_document, write_private_key
 
     directory.mkdir(parents=True, exist_ok=True)
     text, target = policy_text(rules)

@@ -1,6 +1,6 @@
 """The floor: the very same gRPC server stack as ``extauthz serve`` with an allow-all handler.
 
-``python -m bench.floor --port P`` runs ``extauthz.server.GrpcFront`` (ext_authz Check and
+``python -m bench.floor --port P`` runs ``extauthz.serve.server.GrpcFront`` (ext_authz Check and
 grpc.health.v1, SERVING) around a Sidecar whose ``check`` returns a ready-made allow
 CheckResponse without deciding, metering or logging. The response has the shape of a real
 allow (the narrowed-token header, the headers to remove, dynamic metadata) so that what the
@@ -21,10 +21,10 @@ _TOKEN_BYTES = 760
 
 
 def allow_response() -> Any:
-    from extauthz.core import Decision
-    from extauthz.edge import check_response
-    from extauthz.policy import DEFAULT_STRIP_HEADERS
-    from extauthz.reasons import Reason
+    from extauthz.decision.pipeline import Decision
+    from extauthz.decision.reasons import Reason
+    from extauthz.policy.compiler import DEFAULT_STRIP_HEADERS
+    from extauthz.serve.edge import check_response
 
     decision = Decision(
         Reason.ALLOWED,
@@ -36,8 +36,8 @@ def allow_response() -> Any:
 
 
 def make_sidecar() -> Any:
-    from extauthz.decision_log import DecisionLog
-    from extauthz.server import Sidecar
+    from extauthz.serve.decision_log import DecisionLog
+    from extauthz.serve.server import Sidecar
 
     class AllowAll(Sidecar):
         def __init__(self) -> None:
@@ -51,7 +51,7 @@ def make_sidecar() -> Any:
 
 
 async def serve(port: int) -> None:
-    from extauthz.server import GrpcFront
+    from extauthz.serve.server import GrpcFront
 
     front = GrpcFront(make_sidecar())
     bound = await front.start(f"127.0.0.1:{port}")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .stats import summary_us
+from bench.stats import summary_us
 
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -59,9 +59,8 @@ def _child(conn: Any) -> None:
 
 
 def _payloads(spec: dict[str, Any]) -> list[bytes]:
-    from extauthz.jose import load_signing_key
-
-    from .fixtures import Target, check_request, sign_tokens
+    from bench.fixtures import Target, check_request, sign_tokens
+    from extauthz.decision.jose import load_signing_key
 
     target = Target(**spec["target"])
     key = load_signing_key(Path(spec["issuer_key_file"]))

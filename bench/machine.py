@@ -21,7 +21,7 @@ def _version(name: str) -> str | None:
 
 def envoy_version() -> str | None:
     try:
-        from extauthz.envoy import envoy_binary
+        from extauthz.demo.envoy import envoy_binary
 
         out = subprocess.run(
             [envoy_binary(), "--version"], capture_output=True, text=True, timeout=30, check=False

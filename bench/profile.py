@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .fixtures import client_pki, write_setup
-from .loadgen import Generators, split
-from .scenarios import REPEAT_POOL, Client, Plan, fresh_pool
-from .servers import Floor, Serve
+from bench.fixtures import client_pki, write_setup
+from bench.loadgen import Generators, split
+from bench.scenarios import REPEAT_POOL, Client, Plan, fresh_pool
+from bench.servers import Floor, Serve
 
 
 def main(argv: list[str] | None = None) -> int:

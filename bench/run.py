@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import SCHEMA
-from .machine import describe, load_average
-from .png import BLUE, GREEN, GREY, ORANGE, PURPLE, Bar, Panel, write_chart
-from .scenarios import Plan
+from bench import SCHEMA
+from bench.machine import describe, load_average
+from bench.png import BLUE, GREEN, GREY, ORANGE, PURPLE, Bar, Panel, write_chart
+from bench.scenarios import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(name: str, parts: set[str], workdir: Path) -> dict[str, Any]:
-    from .corebench import run_core, run_crypto
-    from .fixtures import client_pki, write_setup
+    from bench.corebench import run_core, run_crypto
+    from bench.fixtures import client_pki, write_setup
 
     conf = settings(name)
     plan: Plan | None = conf["plan"]
@@ -147,7 +147,7 @@ def measure(name: str, parts: set[str], workdir: Path) -> dict[str, Any]:
         rss_serve = None
         server_parts = parts & {"rss", "direct", "workers", "envoy"}
         if server_parts and plan is not None:
-            from .servers import Serve
+            from bench.servers import Serve
 
             setup_small = write_setup(workdir / "setup-10", 10)
             pki = client_pki(workdir / "pki", setup_small.target)
@@ -199,9 +199,9 @@ def measure_servers(
     rss_serve: Any,
     procs: list[Any],
 ) -> dict[str, Any]:
-    from .loadgen import Generators, vm_status
-    from .scenarios import Client, run_direct, run_envoy, run_rss, run_workers
-    from .servers import Floor, Serve
+    from bench.loadgen import Generators, vm_status
+    from bench.scenarios import Client, run_direct, run_envoy, run_rss, run_workers
+    from bench.servers import Floor, Serve
 
     out: dict[str, Any] = {}
     client = Client(setup_small, pki)

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .fixtures import Setup
-from .loadgen import Generators, split, vm_status
-from .servers import EnvoyProc, Floor, Serve
-from .stats import median, ratio
+from bench.fixtures import Setup
+from bench.loadgen import Generators, split, vm_status
+from bench.servers import EnvoyProc, Floor, Serve
+from bench.stats import median, ratio
 
 Log = Callable[[str], None]
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .fixtures import Setup
+from bench.fixtures import Setup
 
 LOOPBACK = "127.0.0.1"
 
@@ -157,7 +157,7 @@ class Serve(Proc):
         return body.decode("utf-8", "replace") if status == 200 else ""
 
     def worker_pids(self) -> list[int]:
-        from .loadgen import children_of
+        from bench.loadgen import children_of
 
         return children_of(self.pid) if self.workers > 1 else [self.pid]
 
@@ -201,7 +201,7 @@ def envoy_config(
     """The shipped envoy.yaml rendered onto our ports and PKI, with the route answering 200
     itself (``direct_response``), so no upstream is measured; without ``ext_authz`` the filter
     is removed too (Envoy alone)."""
-    from extauthz.envoy import load_base_config, render_config
+    from extauthz.demo.envoy import load_base_config, render_config
 
     config = render_config(
         load_base_config(),
@@ -233,13 +233,13 @@ def envoy_config(
 
 
 class EnvoyProc(Proc):
-    """Envoy as the project runs it (``--concurrency 1``), from ``extauthz.envoy``."""
+    """Envoy as the project runs it (``--concurrency 1``), from ``extauthz.demo.envoy``."""
 
     def __init__(self, name: str, pki: Any, workdir: Path, *, authz_ports: Sequence[int],
                  ext_authz: bool) -> None:  # fmt: skip
         import yaml
 
-        from extauthz.envoy import envoy_binary
+        from extauthz.demo.envoy import envoy_binary
 
         self.listen_port = free_port()
         self.admin_port = free_port()

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import ExtauthzError, PolicyError
+from extauthz import __version__
+from extauthz.errors import ExtauthzError, PolicyError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -36,10 +36,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
     import tempfile
 
-    from .decision_log import DecisionLog
-    from .jose import generate_signing_key, write_private_key
-    from .runtime import Runtime
-    from .server import Addresses, Sidecar, configure_logging, serve_single
+    from extauthz.decision.jose import generate_signing_key, write_private_key
+    from extauthz.serve.decision_log import DecisionLog
+    from extauthz.serve.runtime import Runtime
+    from extauthz.serve.server import Addresses, Sidecar, configure_logging, serve_single
 
     configure_logging(args.log_level)
     if not args.signing_key and not args.dev:
@@ -83,7 +83,7 @@ def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
         return _fail(f"cannot start: {exc}")
     try:
         if supervising:
-            from .workers import Supervisor, worker_addresses
+            from extauthz.serve.workers import Supervisor, worker_addresses
 
             addresses = worker_addresses(args.grpc_address, args.workers)
             supervisor = Supervisor(runtime, _worker_argv(args, key_paths), addresses)
@@ -117,7 +117,7 @@ def _worker_argv(args: argparse.Namespace, key_paths: list[Path]) -> list[str]:
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
-    from .jose import generate_signing_key, write_private_key
+    from extauthz.decision.jose import generate_signing_key, write_private_key
 
     key = generate_signing_key(args.alg)
     try:
@@ -131,7 +131,7 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 
 def _policy_lint(args: argparse.Namespace) -> int:
-    from .lint import ERROR, WARNING, UnreadablePolicy, lint_file
+    from extauthz.tools.lint import ERROR, WARNING, UnreadablePolicy, lint_file
 
     findings = []
     for name in args.files:
@@ -158,8 +158,8 @@ def _policy_lint(args: argparse.Namespace) -> int:
 
 
 def _policy_test(args: argparse.Namespace) -> int:
-    from .policy import load_policy
-    from .policytest import load_cases, render, run_cases
+    from extauthz.policy.compiler import load_policy
+    from extauthz.tools.policytest import load_cases, render, run_cases
 
     try:
         policy = load_policy(Path(args.policy))
@@ -175,8 +175,8 @@ def _policy_test(args: argparse.Namespace) -> int:
 
 
 def _policy_diff(args: argparse.Namespace) -> int:
-    from .diff import WIDENS, diff_policies
-    from .policy import load_policy
+    from extauthz.policy.compiler import load_policy
+    from extauthz.tools.diff import WIDENS, diff_policies
 
     try:
         old, new = load_policy(Path(args.old)), load_policy(Path(args.new))
@@ -201,7 +201,7 @@ def _policy_diff(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     import time
 
-    from .explain import explain, render
+    from extauthz.tools.explain import explain, render
 
     now = args.now if args.now is not None else time.time()
     try:
@@ -218,17 +218,17 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
-    from .policy import load_policy
+    from extauthz.policy.compiler import load_policy
 
     policy = load_policy(Path(args.policy))
     if args.request:
         from envoy.service.auth.v3 import external_auth_pb2
         from google.protobuf import json_format
 
-        from .edge import check_input
-        from .jose import generate_signing_key, load_jwks_file, load_signing_key
-        from .jwks_remote import fetch_jwks
-        from .loader import build_snapshot_from
+        from extauthz.decision.jose import generate_signing_key, load_jwks_file, load_signing_key
+        from extauthz.policy.loader import build_snapshot_from
+        from extauthz.serve.edge import check_input
+        from extauthz.serve.jwks_remote import fetch_jwks
 
         try:
             message = json_format.Parse(
@@ -252,7 +252,7 @@ def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
         return check_input(message), snap
     if not (args.workload and args.host and args.path):
         raise ValueError("give --request FILE, or --workload, --host and --path")
-    from .simulate import SimRequest, Simulator
+    from extauthz.tools.simulate import SimRequest, Simulator
 
     claims = json.loads(args.claims) if args.claims else {}
     if not isinstance(claims, dict):
@@ -276,7 +276,7 @@ def _status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from .server import split_address
+    from extauthz.serve.server import split_address
 
     host, port = split_address(args.admin_address)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -290,7 +290,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from extauthz.demo import run_demo
 
     return run_demo(as_json=args.json, keep=args.keep)
 

@@ -20,12 +20,12 @@ from typing import Any
 import yaml
 from jwt.algorithms import get_default_algorithms
 
-from extauthz import yamlsrc
-from extauthz.core import CheckInput, Snapshot
+from extauthz.decision.jose import IssuerKeys, SigningKey, generate_signing_key, parse_jwks
+from extauthz.decision.pipeline import CheckInput, Snapshot
 from extauthz.demo.idp import Idp
-from extauthz.jose import IssuerKeys, SigningKey, generate_signing_key, parse_jwks
-from extauthz.loader import build_snapshot, own_keys
-from extauthz.policy import Policy, compile_policy
+from extauthz.policy import yamlsrc
+from extauthz.policy.compiler import Policy, compile_policy
+from extauthz.policy.loader import build_snapshot, own_keys
 
 NOW = 1_700_000_000.0
 EXCHANGE_ISS = "https://exchange.shop.svc"

@@ -24,7 +24,15 @@ from envoy.service.auth.v3 import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from extauthz.decision.jose import (
+    CompactJWS,
+    SigningKey,
+    parse_compact,
+    parse_jwks,
+    verify_signature,
+)
 from extauthz.demo.echo import EchoServer
+from extauthz.demo.envoy import Envoy, load_base_config, render_config
 from extauthz.demo.idp import Idp
 from extauthz.demo.pki import Pki, make_pki
 from extauthz.demo.stack import (
@@ -36,8 +44,6 @@ from extauthz.demo.stack import (
     https_request,
     mtls_context,
 )
-from extauthz.envoy import Envoy, load_base_config, render_config
-from extauthz.jose import CompactJWS, SigningKey, parse_compact, parse_jwks, verify_signature
 
 HOST = "profile.shop.svc.cluster.local"
 PATH = "/v1/customers/42"
@@ -96,7 +102,7 @@ def policy_with_jwks_url(
 
 def write_key(key: SigningKey, path: Path) -> Path:
     """Write a PEM private key atomically (a reader never sees half a file)."""
-    from extauthz.jose import write_private_key
+    from extauthz.decision.jose import write_private_key
 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     write_private_key(key, tmp)

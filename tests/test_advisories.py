@@ -26,14 +26,19 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from jwt.algorithms import get_default_algorithms
 
-from extauthz import jose
-from extauthz.core import CheckInput, Decision, decide
+from extauthz.decision import jose
+from extauthz.decision.jose import (
+    generate_issuer_key,
+    generate_signing_key,
+    jwks_document,
+    parse_jwks,
+)
+from extauthz.decision.pipeline import CheckInput, Decision, decide
+from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.errors import PolicyError
-from extauthz.jose import generate_issuer_key, generate_signing_key, jwks_document, parse_jwks
-from extauthz.loader import build_snapshot_from
-from extauthz.policy import compile_policy
-from extauthz.reasons import Reason
+from extauthz.policy.compiler import compile_policy
+from extauthz.policy.loader import build_snapshot_from
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000

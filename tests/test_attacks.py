@@ -31,10 +31,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from jwt.algorithms import get_default_algorithms
 
-from extauthz.core import CheckInput, Decision, Snapshot, decide
-from extauthz.demo.idp import Idp
-from extauthz.edge import check_input
-from extauthz.jose import (
+from extauthz.decision.jose import (
     SigningKey,
     generate_issuer_key,
     generate_signing_key,
@@ -42,9 +39,12 @@ from extauthz.jose import (
     parse_compact,
     parse_jwks,
 )
-from extauthz.loader import build_snapshot_from
-from extauthz.policy import compile_policy
-from extauthz.reasons import Reason
+from extauthz.decision.pipeline import CheckInput, Decision, Snapshot, decide
+from extauthz.decision.reasons import Reason
+from extauthz.demo.idp import Idp
+from extauthz.policy.compiler import compile_policy
+from extauthz.policy.loader import build_snapshot_from
+from extauthz.serve.edge import check_input
 
 NOW = 1_700_000_000.0
 EXCHANGE_ISS = "https://exchange.shop.svc"

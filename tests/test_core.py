@@ -14,14 +14,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from extauthz.core import CheckInput, Decision, Snapshot, decide
+from extauthz.decision.identity import certificate_thumbprint
+from extauthz.decision.jose import SigningKey, parse_compact, verify_signature
+from extauthz.decision.pipeline import CheckInput, Decision, Snapshot, decide
+from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.demo.pki import make_pki
-from extauthz.identity import certificate_thumbprint
-from extauthz.jose import SigningKey, parse_compact, verify_signature
-from extauthz.loader import build_snapshot
-from extauthz.policy import load_policy
-from extauthz.reasons import Reason
+from extauthz.policy.compiler import load_policy
+from extauthz.policy.loader import build_snapshot
 
 NOW = k.NOW
 GATEWAY = "spiffe://cluster.local/ns/edge/sa/gateway"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from clikit import EXTRA_RULE, in_process
 
-from extauthz.diff import NARROWS, NEUTRAL, WIDENS, Change, diff_policies
-from extauthz.policy import compile_policy
+from extauthz.policy.compiler import compile_policy
+from extauthz.tools.diff import NARROWS, NEUTRAL, WIDENS, Change, diff_policies
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "policy.yaml"

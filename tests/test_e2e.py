@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from extauthz.decision.jose import CompactJWS, parse_compact, parse_jwks, verify_signature
 from extauthz.demo.pki import x5t_s256
 from extauthz.demo.stack import WORKLOADS, Mesh, Response, http_get
-from extauthz.jose import CompactJWS, parse_compact, parse_jwks, verify_signature
 
 HOST = "profile.shop.svc.cluster.local"
 PATH = "/v1/customers/42"

@@ -26,8 +26,8 @@ from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extauthz.demo.echo import EchoServer
+from extauthz.demo.envoy import Envoy, load_base_config, render_config, validate_config
 from extauthz.demo.pki import Pki, make_pki, x5t_s256
-from extauthz.envoy import Envoy, load_base_config, render_config, validate_config
 
 WORKLOADS = {
     "frontend": "spiffe://cluster.local/ns/shop/sa/frontend",

@@ -15,12 +15,12 @@ from clikit import in_process
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import json_format
 
+from extauthz.decision.jose import generate_signing_key
 from extauthz.demo.idp import Idp
-from extauthz.edge import check_input
-from extauthz.explain import explain
-from extauthz.jose import generate_signing_key
-from extauthz.loader import build_snapshot
-from extauthz.policy import load_policy
+from extauthz.policy.compiler import load_policy
+from extauthz.policy.loader import build_snapshot
+from extauthz.serve.edge import check_input
+from extauthz.tools.explain import explain
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "policy.yaml"

@@ -49,11 +49,11 @@ from opskit import (
 )
 from test_e2e import Received
 
+from extauthz.decision.jose import CompactJWS, generate_signing_key, jwks_document, parse_compact
+from extauthz.demo.envoy import Envoy, load_base_config, render_config
 from extauthz.demo.idp import Idp
 from extauthz.demo.pki import Pki, make_pki, x5t_s256
 from extauthz.demo.stack import ISSUER, SidecarProcess, free_port, mtls_context
-from extauthz.envoy import Envoy, load_base_config, render_config
-from extauthz.jose import CompactJWS, generate_signing_key, jwks_document, parse_compact
 
 MARK = "x-test-id"
 EXCHANGE_ISSUER = "https://exchange.shop.svc"

@@ -31,12 +31,9 @@ from hypothesis import HealthCheck, event, example, find, given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import get_default_algorithms
 
-from extauthz import paths
-from extauthz.core import CheckInput, Decision, Snapshot, decide
-from extauthz.edge import check_input, check_response
-from extauthz.errors import KeyLoadError, PolicyError
-from extauthz.identity import parse_spiffe_id, parse_xfcc
-from extauthz.jose import (
+from extauthz.decision import paths
+from extauthz.decision.identity import parse_spiffe_id, parse_xfcc
+from extauthz.decision.jose import (
     SigningKey,
     TokenFormatError,
     generate_issuer_key,
@@ -46,9 +43,12 @@ from extauthz.jose import (
     parse_jwks,
     verify_signature,
 )
-from extauthz.loader import build_snapshot_from
-from extauthz.policy import WorkloadPattern, compile_policy, normalise_host
-from extauthz.reasons import Reason
+from extauthz.decision.pipeline import CheckInput, Decision, Snapshot, decide
+from extauthz.decision.reasons import Reason
+from extauthz.errors import KeyLoadError, PolicyError
+from extauthz.policy.compiler import WorkloadPattern, compile_policy, normalise_host
+from extauthz.policy.loader import build_snapshot_from
+from extauthz.serve.edge import check_input, check_response
 
 FUZZ = settings(
     max_examples=300,

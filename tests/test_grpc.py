@@ -30,10 +30,7 @@ from envoy.service.auth.v3 import (
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extauthz.demo.idp import Idp
-from extauthz.demo.pki import Pki, make_pki, x5t_s256
-from extauthz.demo.stack import ISSUER, WORKLOADS, SidecarProcess, free_port, http_get
-from extauthz.jose import (
+from extauthz.decision.jose import (
     SigningKey,
     generate_signing_key,
     parse_compact,
@@ -42,6 +39,9 @@ from extauthz.jose import (
     verify_signature,
     write_private_key,
 )
+from extauthz.demo.idp import Idp
+from extauthz.demo.pki import Pki, make_pki, x5t_s256
+from extauthz.demo.stack import ISSUER, WORKLOADS, SidecarProcess, free_port, http_get
 
 HOST = "profile.shop.svc.cluster.local"
 PATH = "/v1/customers/42"

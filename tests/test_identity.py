@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from extauthz.identity import SpiffeId, certificate_thumbprint, parse_spiffe_id, parse_xfcc
+from extauthz.decision.identity import SpiffeId, certificate_thumbprint, parse_spiffe_id, parse_xfcc
 
 # --- SPIFFE IDs -----------------------------------------------------------------------------
 

@@ -22,14 +22,14 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from extauthz import paths
-from extauthz.core import Decision, Snapshot, decide
+from extauthz.decision import paths
+from extauthz.decision.identity import certificate_thumbprint
+from extauthz.decision.jose import parse_compact, verify_signature
+from extauthz.decision.pipeline import Decision, Snapshot, decide
+from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.errors import PolicyError
-from extauthz.identity import certificate_thumbprint
-from extauthz.jose import parse_compact, verify_signature
-from extauthz.policy import Policy, normalise_host
-from extauthz.reasons import Reason
+from extauthz.policy.compiler import Policy, normalise_host
 
 SETTINGS = settings(
     max_examples=200,

@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from extauthz.errors import KeyLoadError
-from extauthz.jose import (
+from extauthz.decision.jose import (
     MAX_JWKS_BYTES,
     TokenFormatError,
     generate_signing_key,
@@ -28,6 +27,7 @@ from extauthz.jose import (
     verify_signature,
     write_private_key,
 )
+from extauthz.errors import KeyLoadError
 
 HEADER = {"alg": "ES256", "typ": "at+jwt"}
 CLAIMS = {"iss": "https://idp.example.com", "sub": "u"}

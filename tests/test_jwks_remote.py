@@ -28,11 +28,11 @@ from opskit import (
     write_key,
 )
 
+from extauthz.decision.jose import MAX_JWKS_BYTES, generate_signing_key, jwks_document
 from extauthz.demo.idp import Idp
 from extauthz.demo.stack import ISSUER, SidecarProcess, free_port
 from extauthz.errors import KeyLoadError
-from extauthz.jose import MAX_JWKS_BYTES, generate_signing_key, jwks_document
-from extauthz.jwks_remote import UNKNOWN_KID_INTERVAL, fetch_jwks
+from extauthz.serve.jwks_remote import UNKNOWN_KID_INTERVAL, fetch_jwks
 
 JWKS_PATH = "/jwks.json"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from extauthz.lint import CHECKS, ERROR, INFO, WARNING, Finding, lint_file, lint_text
+from extauthz.tools.lint import CHECKS, ERROR, INFO, WARNING, Finding, lint_file, lint_text
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "policy.yaml"

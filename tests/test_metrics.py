@@ -9,9 +9,9 @@ from pathlib import Path
 
 from opskit import QUICK, RULE, Checker, Metrics, http_status, minted, write_key
 
+from extauthz.decision.jose import generate_signing_key
 from extauthz.demo.idp import Idp
 from extauthz.demo.stack import ISSUER, SidecarProcess
-from extauthz.jose import generate_signing_key
 
 
 def test_metrics_after_scripted_checks(tmp_path: Path, example_policy_text: str) -> None:

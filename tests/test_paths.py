@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz import paths
-from extauthz.paths import MAX_PATH, PARAM, REST, join, normalise, parse_template
+from extauthz.decision import paths
+from extauthz.decision.paths import MAX_PATH, PARAM, REST, join, normalise, parse_template
 
 
 @pytest.mark.parametrize(

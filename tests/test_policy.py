@@ -9,9 +9,9 @@ from typing import Any
 import corekit as k
 import pytest
 
-from extauthz import paths
+from extauthz.decision import paths
 from extauthz.errors import PolicyError
-from extauthz.policy import (
+from extauthz.policy.compiler import (
     HARD_MAX_TTL,
     Policy,
     WorkloadPattern,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from clikit import EXTRA_RULE, in_process
 
-from extauthz.policy import compile_policy, load_policy
-from extauthz.policytest import CasesError, Report, load_cases, parse_cases, run_cases
-from extauthz.simulate import Simulator
+from extauthz.policy.compiler import compile_policy, load_policy
+from extauthz.tools.policytest import CasesError, Report, load_cases, parse_cases, run_cases
+from extauthz.tools.simulate import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -30,9 +30,9 @@ from opskit import (
     write_key,
 )
 
+from extauthz.decision.jose import generate_signing_key, jwks_document
 from extauthz.demo.idp import Idp
 from extauthz.demo.stack import ISSUER, SidecarProcess, http_get
-from extauthz.jose import generate_signing_key, jwks_document
 
 BROKEN = ("invalid-yaml", "unknown-field")
 

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from google.rpc import code_pb2
 
-from extauthz.core import Decision
-from extauthz.decision_log import record
+from extauthz.decision.pipeline import Decision
 from extauthz.demo.stack import Mesh
-from extauthz.edge import check_response
-from extauthz.policy import compile_policy
-from extauthz.simulate import SimRequest, Simulator
+from extauthz.policy.compiler import compile_policy
+from extauthz.serve.decision_log import record
+from extauthz.serve.edge import check_response
+from extauthz.tools.simulate import SimRequest, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = (ROOT / "examples" / "policy.yaml").read_text(encoding="utf-8")

@@ -34,9 +34,9 @@ from opskit import (
     write_key,
 )
 
+from extauthz.decision.jose import generate_signing_key
 from extauthz.demo.idp import Idp
 from extauthz.demo.stack import ISSUER, SidecarProcess, http_get
-from extauthz.jose import generate_signing_key
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 

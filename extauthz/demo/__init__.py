@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..jose import parse_compact, parse_jwks, verify_signature
+from extauthz.decision.jose import parse_compact, parse_jwks, verify_signature
 
 HOST = "profile.shop.svc.cluster.local"
 
@@ -72,7 +72,7 @@ SCENARIOS = (
 
 
 def run_demo(*, as_json: bool = False, keep: bool = False) -> int:
-    from .stack import Mesh, http_get
+    from extauthz.demo.stack import Mesh, http_get
 
     workdir = Path(tempfile.mkdtemp(prefix="extauthz-demo-"))
     say = (lambda *a: None) if as_json else print

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ..lifecycle import Started
+from extauthz.demo.lifecycle import Started
 
 _HOST = "127.0.0.1"
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..jose import SigningKey, generate_signing_key, jwks_document
+from extauthz.decision.jose import SigningKey, generate_signing_key, jwks_document
 
 
 class Idp:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..lifecycle import Started
-from .pki import CertPair
+from extauthz.demo.lifecycle import Started
+from extauthz.demo.pki import CertPair
 
 LOOPBACK = "127.0.0.1"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -195,10 +195,10 @@ class Mesh(Started):
     ) -> None:
         from importlib import resources
 
-        from ..jose import generate_signing_key, write_private_key
-        from .echo import EchoServer
-        from .idp import Idp
-        from .pki import make_pki
+        from extauthz.decision.jose import generate_signing_key, write_private_key
+        from extauthz.demo.echo import EchoServer
+        from extauthz.demo.idp import Idp
+        from extauthz.demo.pki import make_pki
 
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,7 @@ class Mesh(Started):
         return self._envoy
 
     def start(self) -> None:
-        from ..envoy import Envoy, load_base_config, render_config
+        from extauthz.demo.envoy import Envoy, load_base_config, render_config
 
         try:
             self.echo.start()

@@ -20,11 +20,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from extauthz import paths
-    from extauthz.core import CheckInput, decide
-    from extauthz.errors import KeyLoadError, PolicyError
-    from extauthz.identity import parse_spiffe_id, parse_xfcc
-    from extauthz.jose import (
+    from extauthz.decision import paths
+    from extauthz.decision.identity import parse_spiffe_id, parse_xfcc
+    from extauthz.decision.jose import (
         TokenFormatError,
         generate_issuer_key,
         generate_signing_key,
@@ -32,8 +30,10 @@ with atheris.instrument_imports():
         parse_compact,
         parse_jwks,
     )
-    from extauthz.loader import build_snapshot_from
-    from extauthz.policy import compile_policy
+    from extauthz.decision.pipeline import CheckInput, decide
+    from extauthz.errors import KeyLoadError, PolicyError
+    from extauthz.policy.compiler import compile_policy
+    from extauthz.policy.loader import build_snapshot_from
 
 NOW = 1_700_000_000
 POLICY_TEXT = """\

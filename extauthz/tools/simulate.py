@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .core import CheckInput, Decision, Snapshot, decide
-from .jose import IssuerKeys, SigningKey, generate_issuer_key, generate_signing_key
-from .loader import own_keys
-from .policy import Policy, TrustedIssuer
+from extauthz.decision.jose import IssuerKeys, SigningKey, generate_issuer_key, generate_signing_key
+from extauthz.decision.pipeline import CheckInput, Decision, Snapshot, decide
+from extauthz.policy.compiler import Policy, TrustedIssuer
+from extauthz.policy.loader import own_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,7 @@ class Simulator:
         return self.issuer_keys[issuer.id].sign(claims, req.token_type)
 
     def check_input(self, req: SimRequest, now: float) -> CheckInput:
-        from .demo.pki import self_signed_pem
+        from extauthz.demo.pki import self_signed_pem
 
         headers = {k.lower(): v for k, v in req.headers.items()}
         token = self.subject_token(req, now)

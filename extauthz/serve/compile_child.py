@@ -1,4 +1,4 @@
-"""``python -m extauthz.compile_child POLICY``: compile a policy in a process of its own and
+"""``python -m extauthz.serve.compile_child POLICY``: compile a policy in a process of its own and
 write ``pickle((ok, Policy | [Problem, ...]))`` to stdout (see ``runtime.load_policy_isolated``).
 """
 
@@ -8,8 +8,8 @@ import pickle
 import sys
 from pathlib import Path
 
-from .errors import PolicyError
-from .policy import load_policy
+from extauthz.errors import PolicyError
+from extauthz.policy.compiler import load_policy
 
 
 def main(path: str) -> int:

@@ -14,17 +14,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import paths
-from .identity import (
+from extauthz.decision import paths
+from extauthz.decision.identity import (
     SpiffeId,
     certificate_thumbprint,
     parse_spiffe_id,
     parse_xfcc,
     xfcc_hash_thumbprint,
 )
-from .jose import IssuerKeys, SigningKey, TokenFormatError, parse_compact, verify_signature
-from .policy import SELF_ISSUER_ID, Policy, Rule, normal_typ, normalise_host
-from .reasons import Reason
+from extauthz.decision.jose import (
+    IssuerKeys,
+    SigningKey,
+    TokenFormatError,
+    parse_compact,
+    verify_signature,
+)
+from extauthz.decision.reasons import Reason
+from extauthz.policy.compiler import SELF_ISSUER_ID, Policy, Rule, normal_typ, normalise_host
 
 MAX_ACT_DEPTH = 8
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] ([A-Za-z0-9_.~+/=-]+)")

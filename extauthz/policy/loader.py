@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .core import Snapshot
-from .errors import KeyLoadError
-from .jose import IssuerKeys, SigningKey, load_jwks_file, load_signing_key
-from .policy import Policy, load_policy
+from extauthz.decision.jose import IssuerKeys, SigningKey, load_jwks_file, load_signing_key
+from extauthz.decision.pipeline import Snapshot
+from extauthz.errors import KeyLoadError
+from extauthz.policy.compiler import Policy, load_policy
 
 
 def load_issuer_keys(policy: Policy) -> dict[str, IssuerKeys]:

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import metrics
-from .core import Snapshot, SubjectCache
-from .errors import ExtauthzError, KeyLoadError, PolicyError, Problem
-from .jose import IssuerKeys, SigningKey, load_signing_key
-from .jwks_remote import RemoteJwks
-from .loader import load_issuer_keys, own_keys
-from .policy import Policy, load_policy
+from extauthz.decision.jose import IssuerKeys, SigningKey, load_signing_key
+from extauthz.decision.pipeline import Snapshot, SubjectCache
+from extauthz.errors import ExtauthzError, KeyLoadError, PolicyError, Problem
+from extauthz.policy.compiler import Policy, load_policy
+from extauthz.policy.loader import load_issuer_keys, own_keys
+from extauthz.serve import metrics
+from extauthz.serve.jwks_remote import RemoteJwks
 
 log = logging.getLogger("extauthz.reload")
 FIRST_FETCH_WAIT = 10.0
@@ -82,7 +82,7 @@ def load_policy_isolated(path: Path) -> Policy:
     if size < ISOLATE_POLICY_BYTES:
         return load_policy(path)
     proc = subprocess.run(
-        [sys.executable, "-m", "extauthz.compile_child", str(path)],
+        [sys.executable, "-m", "extauthz.serve.compile_child", str(path)],
         capture_output=True,
         timeout=300,
         check=False,

@@ -22,11 +22,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from . import metrics
-from .core import Snapshot
-from .server import AdminServer, run_until_signalled, split_address
+from extauthz.decision.pipeline import Snapshot
+from extauthz.serve import metrics
+from extauthz.serve.server import AdminServer, run_until_signalled, split_address
 
-log = logging.getLogger("extauthz.workers")
+log = logging.getLogger("extauthz.serve.workers")
 RESTART_DELAY = 1.0
 HEALTH_INTERVAL = 0.5
 

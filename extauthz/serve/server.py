@@ -24,12 +24,12 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import metrics
-from .core import Decision, Snapshot, decide
-from .decision_log import DecisionLog
-from .edge import RequestTooLarge, check_input, check_response, deny_response
-from .jose import jwks_document
-from .reasons import Reason
+from extauthz.decision.jose import jwks_document
+from extauthz.decision.pipeline import Decision, Snapshot, decide
+from extauthz.decision.reasons import Reason
+from extauthz.serve import metrics
+from extauthz.serve.decision_log import DecisionLog
+from extauthz.serve.edge import RequestTooLarge, check_input, check_response, deny_response
 
 log = logging.getLogger("extauthz")
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"

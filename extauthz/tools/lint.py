@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import paths, yamlsrc
-from .errors import PolicyError
-from .identity import parse_spiffe_id
-from .policy import (
+from extauthz.decision import paths
+from extauthz.decision.identity import parse_spiffe_id
+from extauthz.errors import PolicyError
+from extauthz.policy import yamlsrc
+from extauthz.policy.compiler import (
     MAX_POLICY_BYTES,
     SELF_ISSUER_ID,
     Policy,

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .lifecycle import Started
+from extauthz.demo.lifecycle import Started
 
 LISTENER_NAME = "ingress"
 AUTHZ_CLUSTER = "extauthz"

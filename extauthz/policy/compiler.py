@@ -18,10 +18,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from . import paths, yamlsrc
-from .errors import PolicyError, Problem
-from .identity import parse_spiffe_id
-from .jose import SUPPORTED_ALGORITHMS
+from extauthz.decision import paths
+from extauthz.decision.identity import parse_spiffe_id
+from extauthz.decision.jose import SUPPORTED_ALGORITHMS
+from extauthz.errors import PolicyError, Problem
+from extauthz.policy import yamlsrc
 
 API_VERSION = "extauthz/v1"
 KIND = "ExchangePolicy"

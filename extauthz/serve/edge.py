@@ -16,8 +16,8 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 from google.rpc import code_pb2, status_pb2
 
-from .core import CheckInput, Decision
-from .reasons import Reason
+from extauthz.decision.pipeline import CheckInput, Decision
+from extauthz.decision.reasons import Reason
 
 _APPEND_FALSE = wrappers_pb2.BoolValue(value=False)
 

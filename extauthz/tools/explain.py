@@ -12,10 +12,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import paths
-from .core import CheckInput, Decision, Snapshot, decide, extract_bearer, request_of
-from .jose import TokenFormatError, parse_compact
-from .policy import SELF_ISSUER_ID, Rule, WorkloadPattern, normalise_host
+from extauthz.decision import paths
+from extauthz.decision.jose import TokenFormatError, parse_compact
+from extauthz.decision.pipeline import (
+    CheckInput,
+    Decision,
+    Snapshot,
+    decide,
+    extract_bearer,
+    request_of,
+)
+from extauthz.policy.compiler import SELF_ISSUER_ID, Rule, WorkloadPattern, normalise_host
 
 
 @dataclass(frozen=True, slots=True)

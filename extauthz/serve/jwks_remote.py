@@ -17,10 +17,10 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from . import metrics
-from .errors import KeyLoadError
-from .jose import MAX_JWKS_BYTES, IssuerKeys, parse_jwks
-from .policy import TrustedIssuer
+from extauthz.decision.jose import MAX_JWKS_BYTES, IssuerKeys, parse_jwks
+from extauthz.errors import KeyLoadError
+from extauthz.policy.compiler import TrustedIssuer
+from extauthz.serve import metrics
 
 log = logging.getLogger("extauthz.jwks")
 UNKNOWN_KID_INTERVAL = 5.0  # seconds between refetches triggered by unknown kids

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
 from jwt.exceptions import InvalidKeyError
 
-from .errors import KeyLoadError
+from extauthz.errors import KeyLoadError
 
 # Asymmetric algorithms only. HMAC is absent on purpose: with it a public key becomes a secret.
 _ALGORITHMS: dict[str, Any] = {

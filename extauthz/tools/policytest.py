@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from . import yamlsrc
-from .core import Decision
-from .errors import ExtauthzError
-from .policy import Policy, parse_duration
-from .simulate import SimRequest, Simulator
+from extauthz.decision.pipeline import Decision
+from extauthz.errors import ExtauthzError
+from extauthz.policy import yamlsrc
+from extauthz.policy.compiler import Policy, parse_duration
+from extauthz.tools.simulate import SimRequest, Simulator
 
 _REQUEST_FIELDS = {
     "workload", "method", "host", "path", "issuer", "claims", "expiresIn", "tokenType",

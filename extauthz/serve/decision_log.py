@@ -7,7 +7,7 @@ import json
 import time
 from typing import IO, Any
 
-from .core import Decision
+from extauthz.decision.pipeline import Decision
 
 
 def record(decision: Decision, latency_s: float, request_id: str, now: float) -> dict[str, Any]:
