@@ -29,9 +29,9 @@ class CoreFixture:
     matches the policy's last rule."""
 
     def __init__(self, setup: Setup) -> None:
-        from extauthz.decision.jose import load_signing_key
-        from extauthz.demo.pki import self_signed_pem
         from extauthz.policy.compiler import load_policy
+        from extauthz.policy.loader import load_signing_key
+        from extauthz.tools.simulate import self_signed_pem
 
         started = time.perf_counter()
         self.policy = load_policy(setup.policy)
@@ -40,19 +40,17 @@ class CoreFixture:
         self.target: Target = setup.target
         self.issuer_key = load_signing_key(setup.issuer_key_file)
         self.signing_key = load_signing_key(setup.signing_key_file)
-        self.cert_pem = self_signed_pem(self.target.workload)
+        self.cert_pem = self_signed_pem(self.target.workload, time.time())
         self.cache_size = 10_000
         self.snapshot = self.fresh_snapshot()
 
     def fresh_snapshot(self, cache_size: int | None = None) -> Any:
-        from dataclasses import replace
+        from extauthz.decision.authenticate import LruSubjectCache
+        from extauthz.policy.loader import assemble, load_issuer_keys
 
-        from extauthz.decision.pipeline import SubjectCache
-        from extauthz.policy.loader import build_snapshot
-
-        snap = build_snapshot(self.policy, [self.signing_key])
         size = self.cache_size if cache_size is None else cache_size
-        return replace(snap, subject_cache=SubjectCache(size))
+        self.cache = LruSubjectCache(size)
+        return assemble(self.policy, load_issuer_keys(self.policy), [self.signing_key])
 
     def check_input(self, token: str) -> Any:
         from extauthz.decision.pipeline import CheckInput
@@ -78,17 +76,18 @@ class CoreFixture:
         )
 
 
-def _time_decisions(snap: Any, inputs: Sequence[Any]) -> tuple[list[int], int]:
+def _time_decisions(fx: CoreFixture, inputs: Sequence[Any]) -> tuple[list[int], int]:
     from extauthz.decision.pipeline import decide
 
     clock, pc = time.time, time.perf_counter_ns
+    snap, cache = fx.snapshot, fx.cache
     samples: list[int] = []
     append = samples.append
     denied = 0
     for inp in inputs:
         now = clock()
         t0 = pc()
-        decision = decide(inp, snap, now, _new_id)
+        decision = decide(inp, snap, now, _new_id, cache)
         t1 = pc()
         append(t1 - t0)
         if decision.token is None:
@@ -101,10 +100,11 @@ CHUNK = 100
 
 def _lookup_ns(fx: CoreFixture, iterations: int = 20_000) -> float | None:
     """p50 of the compiled table lookup alone, in ns (None if its API changed)."""
-    from extauthz.decision.pipeline import request_of
+    from extauthz.decision.authorize import request_of
 
     try:
-        request = request_of(fx.check_input("x"))
+        inp = fx.check_input("x")
+        request = request_of(inp.method, inp.host, inp.path)
         policy, t = fx.policy, fx.target
         args = (request.host, request.method, request.segments, t.workload, "corp-idp")  # type: ignore[union-attr]
         if policy.find_rule(*args) is None:
@@ -163,7 +163,7 @@ def run_core(
             fx = fixtures[n]
             # warm: one token, verified once before timing; every decision is a cache hit
             warm_inputs[n] = fx.check_input(sign_tokens(fx.issuer_key, 1)[0])
-            _time_decisions(fx.snapshot, [warm_inputs[n]] * 100)
+            _time_decisions(fx, [warm_inputs[n]] * 100)
             # cold: a fresh, pre-signed token every decision: every lookup misses
             tokens = sign_tokens(fx.issuer_key, cold_iterations)
             cold_inputs[n] = [fx.check_input(t) for t in tokens]
@@ -181,7 +181,7 @@ def run_core(
                         batch = [per_size[n]] * min(CHUNK, total - start)
                     else:
                         batch = per_size[n][start : start + CHUNK]
-                    samples, bad = _time_decisions(fixtures[n].snapshot, batch)
+                    samples, bad = _time_decisions(fixtures[n], batch)
                     (warm if kind == "warm" else cold)[n][-1].extend(samples)
                     denied[(kind, n)] += bad
         log(f"  core: round {r + 1}/{rounds} done")
@@ -237,13 +237,14 @@ def phases(fx: CoreFixture, *, iterations: int, profile_calls: int = 3000) -> di
     from extauthz.decision.jose import parse_compact, verify_signature
     from extauthz.serve.decision_log import DecisionLog
     from extauthz.serve.edge import check_input, check_response
-    from extauthz.serve.server import Sidecar
+    from extauthz.serve.grpc_front import GrpcEdge
+    from extauthz.serve.sidecar import Sidecar
 
     snap = fx.snapshot
     token = sign_tokens(fx.issuer_key, 1)[0]
     inp = fx.check_input(token)
     now = time.time()
-    decision = core.decide(inp, snap, now, _new_id)
+    decision = core.decide(inp, snap, now, _new_id, fx.cache)
     if decision.token is None:
         return {"error": f"the warm input is denied: {decision.reason}"}
     claims, typ = decision.claims, snap.policy.exchange.typ
@@ -251,7 +252,9 @@ def phases(fx: CoreFixture, *, iterations: int, profile_calls: int = 3000) -> di
     issuer_public = fx.issuer_key.public()
     pb_request = check_request(fx.target, token, fx.cert_pem)
     sink = io.StringIO()
-    sidecar = Sidecar(snap, DecisionLog(sink))
+    sidecar = Sidecar(DecisionLog(sink))
+    sidecar.install(snap)
+    grpc_edge = GrpcEdge()
     log = DecisionLog(sink)
 
     def log_line() -> None:
@@ -260,7 +263,7 @@ def phases(fx: CoreFixture, *, iterations: int, profile_calls: int = 3000) -> di
         sink.truncate()
 
     def sidecar_check() -> None:
-        sidecar.check(pb_request)
+        sidecar.check(pb_request, grpc_edge)
         sink.seek(0)
         sink.truncate()
 
@@ -270,7 +273,7 @@ def phases(fx: CoreFixture, *, iterations: int, profile_calls: int = 3000) -> di
         return certificate_thumbprint(inp.peer_certificate)
 
     steps: dict[str, Callable[[], Any]] = {
-        "decide (warm, total)": lambda: core.decide(inp, snap, now, _new_id),
+        "decide (warm, total)": lambda: core.decide(inp, snap, now, _new_id, fx.cache),
         "sign narrowed token (ES256)": lambda: snap.signing_key.sign(claims, typ),
         "certificate_thumbprint (peer cert)": thumbprint,
         "cold only: parse_compact": lambda: parse_compact(token),
@@ -294,7 +297,9 @@ def phases(fx: CoreFixture, *, iterations: int, profile_calls: int = 3000) -> di
         "method": "p50 of each step alone, same warm input as the core benchmark",
         "iterations": iterations,
         "p50_us": p50,
-        "profile_decide_warm": profile(lambda: core.decide(inp, snap, now, _new_id), profile_calls),
+        "profile_decide_warm": profile(
+            lambda: core.decide(inp, snap, now, _new_id, fx.cache), profile_calls
+        ),
     }
     if errors:
         out["errors"] = errors

@@ -94,7 +94,8 @@ class Setup:
 
 
 def write_setup(directory: Path, rules: int) -> Setup:
-    from extauthz.decision.jose import generate_signing_key, jwks_document, write_private_key
+    from extauthz.decision.jose import generate_signing_key, jwks_document
+    from extauthz.policy.loader import write_private_key
 
     directory.mkdir(parents=True, exist_ok=True)
     text, target = policy_text(rules)

@@ -1,6 +1,6 @@
 """The floor: the very same gRPC server stack as ``extauthz serve`` with an allow-all handler.
 
-``python -m bench.floor --port P`` runs ``extauthz.serve.server.GrpcFront`` (ext_authz Check and
+``python -m bench.floor --port P`` runs ``extauthz.serve.grpc_front.GrpcFront`` (ext_authz Check and
 grpc.health.v1, SERVING) around a Sidecar whose ``check`` returns a ready-made allow
 CheckResponse without deciding, metering or logging. The response has the shape of a real
 allow (the narrowed-token header, the headers to remove, dynamic metadata) so that what the
@@ -37,21 +37,21 @@ def allow_response() -> Any:
 
 def make_sidecar() -> Any:
     from extauthz.serve.decision_log import DecisionLog
-    from extauthz.serve.server import Sidecar
+    from extauthz.serve.sidecar import Sidecar
 
     class AllowAll(Sidecar):
         def __init__(self) -> None:
-            super().__init__(None, DecisionLog(None))
+            super().__init__(DecisionLog(None))
             self._response = allow_response()
 
-        def check(self, request: Any) -> Any:
+        def check(self, request: Any, edge: Any) -> Any:
             return self._response
 
     return AllowAll()
 
 
 async def serve(port: int) -> None:
-    from extauthz.serve.server import GrpcFront
+    from extauthz.serve.grpc_front import GrpcFront
 
     front = GrpcFront(make_sidecar())
     bound = await front.start(f"127.0.0.1:{port}")

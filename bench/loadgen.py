@@ -60,7 +60,7 @@ def _child(conn: Any) -> None:
 
 def _payloads(spec: dict[str, Any]) -> list[bytes]:
     from bench.fixtures import Target, check_request, sign_tokens
-    from extauthz.decision.jose import load_signing_key
+    from extauthz.policy.loader import load_signing_key
 
     target = Target(**spec["target"])
     key = load_signing_key(Path(spec["issuer_key_file"]))

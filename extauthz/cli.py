@@ -36,10 +36,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
     import tempfile
 
-    from extauthz.decision.jose import generate_signing_key, write_private_key
+    from extauthz.decision.jose import generate_signing_key
+    from extauthz.policy.loader import write_private_key
     from extauthz.serve.decision_log import DecisionLog
+    from extauthz.serve.jwks_remote import RemoteJwks
+    from extauthz.serve.process import Addresses, configure_logging, serve_single
     from extauthz.serve.runtime import Runtime
-    from extauthz.serve.server import Addresses, Sidecar, configure_logging, serve_single
+    from extauthz.serve.sidecar import Sidecar
 
     configure_logging(args.log_level)
     if not args.signing_key and not args.dev:
@@ -60,17 +63,22 @@ def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
             key_dir = Path(tempfile.mkdtemp(prefix="extauthz-dev-key-"))
             write_private_key(dev_key, key_dir / "dev.pem")
             key_paths, dev_key = [key_dir / "dev.pem"], None
-    sidecar = Sidecar(None, DecisionLog(None if args.no_decision_log else sys.stdout))
+    remote = RemoteJwks()
+    sidecar = Sidecar(
+        DecisionLog(None if args.no_decision_log else sys.stdout),
+        subject_cache_size=args.subject_cache_size,
+        on_unknown_kid=remote.unknown_kid,
+    )
     runtime = Runtime(
-        (lambda snap: None) if supervising else (lambda snap: setattr(sidecar, "snapshot", snap)),
+        # The supervisor decides nothing: its workers load and decide on their own.
+        (lambda snapshot: None) if supervising else sidecar.install,
         Path(args.policy),
         key_paths,
         poll_interval=args.poll_interval,
         key_activation_delay=args.key_activation_delay,
         dev_key=dev_key,
-        subject_cache_size=args.subject_cache_size,
+        remote=remote,
     )
-    sidecar.on_unknown_kid = runtime.remote.unknown_kid
     try:
         runtime.load_initial()
     except PolicyError as exc:
@@ -117,7 +125,8 @@ def _worker_argv(args: argparse.Namespace, key_paths: list[Path]) -> list[str]:
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
-    from extauthz.decision.jose import generate_signing_key, write_private_key
+    from extauthz.decision.jose import generate_signing_key
+    from extauthz.policy.loader import write_private_key
 
     key = generate_signing_key(args.alg)
     try:
@@ -225,8 +234,9 @@ def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
         from envoy.service.auth.v3 import external_auth_pb2
         from google.protobuf import json_format
 
-        from extauthz.decision.jose import generate_signing_key, load_jwks_file, load_signing_key
-        from extauthz.policy.loader import build_snapshot_from
+        from extauthz.decision.jose import generate_signing_key
+        from extauthz.decision.reasons import Deny
+        from extauthz.policy.loader import assemble, load_jwks_file, load_signing_key
         from extauthz.serve.edge import check_input
         from extauthz.serve.jwks_remote import fetch_jwks
 
@@ -248,8 +258,11 @@ def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
             except ExtauthzError as exc:
                 print(f"extauthz: note: {exc}", file=sys.stderr)
         keys = [load_signing_key(Path(p)) for p in args.signing_key or []]
-        snap = build_snapshot_from(policy, issuer_keys, keys or [generate_signing_key()])
-        return check_input(message), snap
+        snap = assemble(policy, issuer_keys, keys or [generate_signing_key()])
+        inp = check_input(message)
+        if isinstance(inp, Deny):
+            raise ValueError(f"{args.request}: {inp.detail}: more than extauthz looks at")
+        return inp, snap
     if not (args.workload and args.host and args.path):
         raise ValueError("give --request FILE, or --workload, --host and --path")
     from extauthz.tools.simulate import SimRequest, Simulator
@@ -276,7 +289,7 @@ def _status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from extauthz.serve.server import split_address
+    from extauthz.serve.admin import split_address
 
     host, port = split_address(args.admin_address)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

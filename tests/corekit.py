@@ -21,11 +21,12 @@ import yaml
 from jwt.algorithms import get_default_algorithms
 
 from extauthz.decision.jose import IssuerKeys, SigningKey, generate_signing_key, parse_jwks
-from extauthz.decision.pipeline import CheckInput, Snapshot
+from extauthz.decision.model import Policy, Snapshot
+from extauthz.decision.pipeline import CheckInput
 from extauthz.demo.idp import Idp
 from extauthz.policy import yamlsrc
-from extauthz.policy.compiler import Policy, compile_policy
-from extauthz.policy.loader import build_snapshot, own_keys
+from extauthz.policy.compiler import compile_policy
+from extauthz.policy.loader import assemble, load_issuer_keys, own_keys
 
 NOW = 1_700_000_000.0
 EXCHANGE_ISS = "https://exchange.shop.svc"
@@ -234,7 +235,7 @@ def snapshot_on_disk(
     """The loader's way: policy file compiled, issuer JWKS read from the file Idp wrote."""
     idp.write_jwks(tmp_path / JWKS_FILE)
     policy = compile_policy(dump(doc), source=str(tmp_path / "policy.yaml"), base_dir=tmp_path)
-    return build_snapshot(policy, [signing])
+    return assemble(policy, load_issuer_keys(policy), [signing])
 
 
 class Ids:

@@ -102,7 +102,7 @@ def policy_with_jwks_url(
 
 def write_key(key: SigningKey, path: Path) -> Path:
     """Write a PEM private key atomically (a reader never sees half a file)."""
-    from extauthz.decision.jose import write_private_key
+    from extauthz.policy.loader import write_private_key
 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     write_private_key(key, tmp)

@@ -38,7 +38,7 @@ from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.errors import PolicyError
 from extauthz.policy.compiler import compile_policy
-from extauthz.policy.loader import build_snapshot_from
+from extauthz.policy.loader import assemble
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000
@@ -110,7 +110,7 @@ class Sidecar:
     def __init__(self, keys: list[jose.SigningKey], algorithms: list[str]) -> None:
         policy = compile_policy(yaml.safe_dump(policy_doc(algorithms)), source="advisory.yaml")
         issuer_keys = parse_jwks(json.dumps(jwks_document(keys)).encode())
-        self.snap = build_snapshot_from(policy, {"corp-idp": issuer_keys}, [generate_signing_key()])
+        self.snap = assemble(policy, {"corp-idp": issuer_keys}, [generate_signing_key()])
 
     def ask(self, token: str) -> Decision:
         inp = CheckInput(

@@ -8,7 +8,7 @@ documented decision), the test says so and checks that what was minted is still 
 
 The Snapshot is built in memory (policy text compiled with ``compile_policy``, issuer keys from
 a demo ``Idp``'s JWKS through ``parse_jwks``, our key from ``generate_signing_key``), exactly as
-``loader.build_snapshot_from`` pairs them. No file, clock or network is used: an autouse
+``loader.assemble`` pairs them. No file, clock or network is used: an autouse
 fixture makes any socket use fail the test.
 """
 
@@ -21,7 +21,7 @@ import itertools
 import json
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -31,6 +31,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from jwt.algorithms import get_default_algorithms
 
+from extauthz.decision.authenticate import LruSubjectCache
 from extauthz.decision.jose import (
     SigningKey,
     generate_issuer_key,
@@ -39,11 +40,12 @@ from extauthz.decision.jose import (
     parse_compact,
     parse_jwks,
 )
-from extauthz.decision.pipeline import CheckInput, Decision, Snapshot, decide
+from extauthz.decision.model import Snapshot
+from extauthz.decision.pipeline import CheckInput, Decision, decide
 from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.policy.compiler import compile_policy
-from extauthz.policy.loader import build_snapshot_from
+from extauthz.policy.loader import assemble
 from extauthz.serve.edge import check_input
 
 NOW = 1_700_000_000.0
@@ -188,11 +190,12 @@ def policy_text(
 
 @dataclass
 class World:
-    """One sidecar (a Snapshot) and the identity provider it trusts."""
+    """One sidecar (a Snapshot and its subject cache) and the identity provider it trusts."""
 
     idp: Idp
     signing: SigningKey
     snap: Snapshot
+    cache: LruSubjectCache = field(default_factory=LruSubjectCache)
 
     def token(self, typ: str = "at+jwt", **claims: Any) -> str:
         return self.idp.key.sign(subject_claims(**claims), typ)
@@ -222,7 +225,7 @@ class World:
         elif token is not None:
             all_headers["authorization"] = f"Bearer {token}"
         inp = CheckInput(method, host, path, all_headers, principal)
-        return decide(inp, self.snap, now, _ids())
+        return decide(inp, self.snap, now, _ids(), self.cache)
 
 
 def _ids() -> Any:
@@ -241,7 +244,7 @@ def make_world(
     policy = compile_policy(policy_text(**policy_kw), source="attacks.yaml")
     keys = parse_jwks(json.dumps(jwks or idp.jwks()).encode("utf-8"))
     signing = signing or generate_signing_key()
-    return World(idp, signing, build_snapshot_from(policy, {IDP_ID: keys}, [signing]))
+    return World(idp, signing, assemble(policy, {IDP_ID: keys}, [signing]))
 
 
 @pytest.fixture(scope="module")
@@ -605,7 +608,7 @@ def test_cached_token_replayed_after_expiry() -> None:
     w = make_world()
     token = w.token(exp=int(NOW) + 60)
     allowed(w.ask(token), "orders-read-profile")
-    assert len(w.snap.subject_cache) == 1
+    assert len(w.cache) == 1
     denied(w.ask(token, now=NOW + 60 + LEEWAY + 1), Reason.TOKEN_EXPIRED)
 
 
@@ -756,7 +759,7 @@ def test_minted_at_jwt_presented_to_an_issuer_that_accepts_only_jwt() -> None:
         doc["rules"][0]["match"]["workloads"] = [PROFILE]
         policy = compile_policy(yaml.safe_dump(doc), source="second.yaml")
         keys = parse_jwks(json.dumps(jwks_document([first.signing])).encode())
-        snap = build_snapshot_from(policy, {IDP_ID: keys}, [generate_signing_key()])
+        snap = assemble(policy, {IDP_ID: keys}, [generate_signing_key()])
         return World(first.idp, generate_signing_key(), snap)
 
     strict = second(["JWT"])
@@ -963,9 +966,7 @@ def test_token_of_a_trusted_issuer_the_rule_does_not_accept() -> None:
         IDP_ID: parse_jwks(json.dumps(corp.jwks()).encode()),
         "partner-idp": parse_jwks(json.dumps(partner.jwks()).encode()),
     }
-    w = World(
-        corp, generate_signing_key(), build_snapshot_from(policy, keys, [generate_signing_key()])
-    )
+    w = World(corp, generate_signing_key(), assemble(policy, keys, [generate_signing_key()]))
     partner_token = partner.key.sign(subject_claims(iss=partner.issuer), "at+jwt")
     denied(w.ask(partner_token), Reason.NO_RULE)
     posing = sign_raw(partner.key, {"alg": "EdDSA", "kid": partner.key.kid}, subject_claims())

@@ -16,12 +16,13 @@ from cryptography.hazmat.primitives import serialization
 
 from extauthz.decision.identity import certificate_thumbprint
 from extauthz.decision.jose import SigningKey, parse_compact, verify_signature
-from extauthz.decision.pipeline import CheckInput, Decision, Snapshot, decide
+from extauthz.decision.model import Snapshot
+from extauthz.decision.pipeline import CheckInput, Decision, decide
 from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.demo.pki import make_pki
 from extauthz.policy.compiler import load_policy
-from extauthz.policy.loader import build_snapshot
+from extauthz.policy.loader import assemble, load_issuer_keys
 
 NOW = k.NOW
 GATEWAY = "spiffe://cluster.local/ns/edge/sa/gateway"
@@ -190,7 +191,8 @@ def test_example_policy_allows_the_documented_call(tmp_path: Path) -> None:
     idp.write_jwks(tmp_path / "issuers" / "corp-idp.json")
     (tmp_path / "policy.yaml").write_text(text)
     key = k.new_signing_key("EdDSA")
-    snap = build_snapshot(load_policy(tmp_path / "policy.yaml"), [key])
+    policy = load_policy(tmp_path / "policy.yaml")
+    snap = assemble(policy, load_issuer_keys(policy), [key])
     decision = decide(k.request(idp.token(now=NOW)), snap, NOW, k.Ids())
     assert decision.allowed
     assert decision.token is not None

@@ -30,7 +30,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from extauthz.cli import main as cli_main
-from extauthz.decision.jose import generate_signing_key, write_private_key
+from extauthz.decision.jose import generate_signing_key
 from extauthz.demo.echo import EchoServer
 from extauthz.demo.envoy import Envoy, envoy_binary, render_config, validate_config
 from extauthz.demo.idp import Idp
@@ -42,6 +42,7 @@ from extauthz.demo.stack import (
     https_request,
     mtls_context,
 )
+from extauthz.policy.loader import write_private_key
 from extauthz.serve.runtime import read_inputs
 
 ROOT = Path(__file__).resolve().parent.parent

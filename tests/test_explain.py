@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from extauthz.decision.jose import generate_signing_key
 from extauthz.demo.idp import Idp
 from extauthz.policy.compiler import load_policy
-from extauthz.policy.loader import build_snapshot
+from extauthz.policy.loader import assemble, load_issuer_keys
 from extauthz.serve.edge import check_input
 from extauthz.tools.explain import explain
 
@@ -279,7 +279,8 @@ def test_recorded_request_in_process_matches_the_cli(recorded: tuple[Path, Idp])
     work, idp = recorded
     request = record_check_request(work, idp, principal=ORDERS)
     message = json_format.Parse(request.read_text(), external_auth_pb2.CheckRequest())
-    snap = build_snapshot(load_policy(work / "policy.yaml"), [generate_signing_key()])
+    policy = load_policy(work / "policy.yaml")
+    snap = assemble(policy, load_issuer_keys(policy), [generate_signing_key()])
     result = explain(check_input(message), snap, time.time())
     assert result.decision.allowed
     assert result.decision.rule is not None

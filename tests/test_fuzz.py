@@ -43,11 +43,12 @@ from extauthz.decision.jose import (
     parse_jwks,
     verify_signature,
 )
-from extauthz.decision.pipeline import CheckInput, Decision, Snapshot, decide
+from extauthz.decision.model import Snapshot, WorkloadPattern, normalise_host
+from extauthz.decision.pipeline import CheckInput, Decision, decide
 from extauthz.decision.reasons import Reason
 from extauthz.errors import KeyLoadError, PolicyError
-from extauthz.policy.compiler import WorkloadPattern, compile_policy, normalise_host
-from extauthz.policy.loader import build_snapshot_from
+from extauthz.policy.compiler import compile_policy
+from extauthz.policy.loader import assemble
 from extauthz.serve.edge import check_input, check_response
 
 FUZZ = settings(
@@ -205,7 +206,7 @@ ISSUER_KEYS = {
 
 def snapshot() -> Snapshot:
     """A fresh Snapshot (and so an empty subject cache) for one example."""
-    return build_snapshot_from(POLICY, ISSUER_KEYS, [KEYS.signing])
+    return assemble(POLICY, ISSUER_KEYS, [KEYS.signing])
 
 
 def _ids() -> Callable[[], str]:
@@ -1028,7 +1029,7 @@ def valid_inputs(draw: st.DrawFn) -> CheckInput:
 def _workload_matches(pattern: str, caller: str) -> bool:
     if "*" not in pattern:
         return pattern == caller
-    return WorkloadPattern(pattern, tuple(pattern[len("spiffe://") :].split("/"))).matches(caller)
+    return WorkloadPattern.parse(pattern).matches(caller)
 
 
 def assert_allow_is_covered(inp: CheckInput, decision: Decision, now: int) -> None:

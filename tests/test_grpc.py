@@ -37,11 +37,11 @@ from extauthz.decision.jose import (
     parse_jwks,
     thumbprint,
     verify_signature,
-    write_private_key,
 )
 from extauthz.demo.idp import Idp
 from extauthz.demo.pki import Pki, make_pki, x5t_s256
 from extauthz.demo.stack import ISSUER, WORKLOADS, SidecarProcess, free_port, http_get
+from extauthz.policy.loader import write_private_key
 
 HOST = "profile.shop.svc.cluster.local"
 PATH = "/v1/customers/42"

@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 from extauthz.decision import paths
 from extauthz.decision.identity import certificate_thumbprint
 from extauthz.decision.jose import parse_compact, verify_signature
-from extauthz.decision.pipeline import Decision, Snapshot, decide
+from extauthz.decision.model import Policy, Snapshot, normalise_host
+from extauthz.decision.pipeline import Decision, decide
 from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.errors import PolicyError
-from extauthz.policy.compiler import Policy, normalise_host
 
 SETTINGS = settings(
     max_examples=200,

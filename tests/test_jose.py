@@ -19,15 +19,14 @@ from extauthz.decision.jose import (
     TokenFormatError,
     generate_signing_key,
     jwks_document,
-    load_signing_key,
     parse_compact,
     parse_jwks,
     private_key_pem,
     thumbprint,
     verify_signature,
-    write_private_key,
 )
 from extauthz.errors import KeyLoadError
+from extauthz.policy.loader import load_signing_key, write_private_key
 
 HEADER = {"alg": "ES256", "typ": "at+jwt"}
 CLAIMS = {"iss": "https://idp.example.com", "sub": "u"}

@@ -24,14 +24,10 @@ from opskit import (
     write_key,
 )
 
-from extauthz.decision.jose import (
-    generate_signing_key,
-    load_signing_key,
-    private_key_pem,
-    thumbprint,
-)
+from extauthz.decision.jose import generate_signing_key, private_key_pem, thumbprint
 from extauthz.demo.idp import Idp
 from extauthz.demo.stack import ISSUER, SidecarProcess
+from extauthz.policy.loader import load_signing_key
 
 
 def write_policy(directory: Path, policy_text: str) -> tuple[Path, Idp]:

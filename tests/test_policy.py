@@ -10,15 +10,9 @@ import corekit as k
 import pytest
 
 from extauthz.decision import paths
+from extauthz.decision.model import Policy, WorkloadPattern, normalise_host
 from extauthz.errors import PolicyError
-from extauthz.policy.compiler import (
-    HARD_MAX_TTL,
-    Policy,
-    WorkloadPattern,
-    compile_policy,
-    load_policy,
-    normalise_host,
-)
+from extauthz.policy.compiler import HARD_MAX_TTL, compile_policy, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "policy.yaml"
@@ -623,7 +617,7 @@ def test_workload_pattern_semantics() -> None:
     """'*' is exactly one segment, a final '**' one or more; no prefix tricks."""
 
     def pattern(text: str) -> WorkloadPattern:
-        return WorkloadPattern(text, tuple(text[len("spiffe://") :].split("/")))
+        return WorkloadPattern.parse(text)
 
     star = pattern("spiffe://cluster.local/ns/*/sa/orders")
     assert star.matches("spiffe://cluster.local/ns/shop/sa/orders")

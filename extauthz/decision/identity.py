@@ -1,4 +1,4 @@
-"""Who is calling: SPIFFE IDs, XFCC elements and certificate thumbprints.
+"""Identify: who is calling. SPIFFE IDs, XFCC elements, certificate thumbprints, and the phase.
 
 Pure parsing of outside input. Each parser returns None (or raises ValueError for XFCC) on
 anything it does not fully understand; callers treat that as "unidentified" and deny.
@@ -11,6 +11,19 @@ import functools
 import hashlib
 import re
 from dataclasses import dataclass
+
+from extauthz.decision.model import Policy
+from extauthz.decision.reasons import Deny, Reason
+
+__all__ = [
+    "Caller",
+    "SpiffeId",
+    "certificate_thumbprint",
+    "identify",
+    "parse_spiffe_id",
+    "parse_xfcc",
+    "xfcc_hash_thumbprint",
+]
 
 _MAX_SPIFFE_ID = 2048
 _MAX_TRUST_DOMAIN = 255
@@ -151,3 +164,54 @@ def parse_xfcc(value: str) -> list[dict[str, list[str]]]:
             i = j + 1
         else:
             raise ValueError("XFCC garbage after a value")
+
+
+# --- the identify phase ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The calling workload, as the request proves it."""
+
+    spiffe_id: str
+    thumbprint: str | None  # x5t#S256 of the caller's own certificate, when known
+
+
+def identify(principal: str, peer_certificate: str, xfcc: str, policy: Policy) -> Caller | Deny:
+    """The caller: the mTLS peer (``source.principal``, and its certificate when Envoy sends
+    it), or, only when that peer is a named trusted hop, the client that hop vouches for in
+    its XFCC element (and that element's certificate hash)."""
+    peer = parse_spiffe_id(principal) if principal else None
+    if peer is None:
+        return Deny(Reason.WORKLOAD_UNIDENTIFIED, "source.principal is not a SPIFFE ID")
+    thumbprint = certificate_thumbprint(peer_certificate) if peer_certificate else None
+    if str(peer) in policy.xfcc_trusted_hops:
+        vouched = _from_trusted_hop(xfcc, str(peer))
+        if vouched is None:
+            return Deny(Reason.WORKLOAD_UNIDENTIFIED, "trusted hop sent no usable XFCC element")
+        # The peer certificate is the hop's own: never bind the caller's token to it.
+        peer, thumbprint = vouched
+    if peer.trust_domain not in policy.trust_domains:
+        return Deny(Reason.WORKLOAD_UNTRUSTED, "trust domain not trusted")
+    return Caller(str(peer), thumbprint)
+
+
+def _from_trusted_hop(xfcc: str, hop: str) -> tuple[SpiffeId, str | None] | None:
+    if not xfcc:
+        return None
+    try:
+        elements = parse_xfcc(xfcc)
+    except ValueError:
+        return None
+    # The hop appends its own element last; what came before it is client-controlled.
+    last = elements[-1]
+    if last.get("by") != [hop]:
+        return None
+    uris = last.get("uri", [])
+    if len(uris) != 1:
+        return None
+    caller = parse_spiffe_id(uris[0])
+    if caller is None:
+        return None
+    hashes = last.get("hash", [])
+    return caller, xfcc_hash_thumbprint(hashes[0]) if len(hashes) == 1 else None

@@ -13,10 +13,8 @@ import functools
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -238,18 +236,6 @@ def parse_jwks(data: bytes) -> IssuerKeys:
     return IssuerKeys(by_kid, tuple(without))
 
 
-def load_jwks_file(path: Path) -> IssuerKeys:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_JWKS_BYTES + 1)
-    except OSError as exc:
-        raise KeyLoadError(f"{path}: {exc.strerror or exc}") from exc
-    try:
-        return parse_jwks(data)
-    except KeyLoadError as exc:
-        raise KeyLoadError(f"{path}: {exc}") from exc
-
-
 def verify_signature(token: CompactJWS, key: VerifyKey, alg: str) -> bool:
     if alg not in key.algorithms:
         return False
@@ -358,22 +344,16 @@ def generate_issuer_key(alg: str) -> SigningKey:
     return SigningKey(kid, alg, {**jwk, "kid": kid, "alg": alg, "use": "sig"}, private)
 
 
-def load_signing_key(path: Path) -> SigningKey:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyLoadError(f"{path}: {exc.strerror or exc}") from exc
+def signing_key_from_pem(data: bytes) -> SigningKey:
+    """Our signing key from an unencrypted PEM private key (PKCS#8 or traditional)."""
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         # The library's message can quote key material; ours must not.
-        raise KeyLoadError(f"{path}: not an unencrypted PEM private key") from exc
+        raise KeyLoadError("not an unencrypted PEM private key") from exc
     except Exception as exc:  # noqa: BLE001 - any parser failure is the same to the operator
-        raise KeyLoadError(f"{path}: not a usable PEM private key") from exc
-    try:
-        return _signing_key_from_private(private)
-    except KeyLoadError as exc:
-        raise KeyLoadError(f"{path}: {exc}") from exc
+        raise KeyLoadError("not a usable PEM private key") from exc
+    return _signing_key_from_private(private)
 
 
 def private_key_pem(key: SigningKey) -> bytes:
@@ -382,13 +362,6 @@ def private_key_pem(key: SigningKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def write_private_key(key: SigningKey, path: Path) -> None:
-    """Write a private key readable by its owner only, never briefly wider."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private_key_pem(key))
 
 
 def jwks_document(keys: Iterable[SigningKey]) -> dict[str, Any]:

@@ -6,6 +6,11 @@ Renaming a code is a breaking change for dashboards and alerts; add new codes in
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+
+from extauthz.decision.model import Rule
+
+__all__ = ["Challenge", "Deny", "Reason"]
 
 
 class Challenge(enum.Enum):
@@ -59,3 +64,13 @@ class Reason(enum.Enum):
     # faults of our own: still a deny, never an aborted RPC
     NOT_READY = ("not_ready", 503, Challenge.NONE)
     INTERNAL_ERROR = ("internal_error", 500, Challenge.NONE)
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """What a phase returns instead of its result when the request must be denied."""
+
+    reason: Reason
+    detail: str = ""  # for the decision log only; never a token or key material
+    rule: Rule | None = None  # the rule that was found, when the deny came after finding it
+    issuer_id: str | None = None  # on key_unknown: whose keys the sidecar should fetch again

@@ -212,20 +212,3 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         f.write(pem)
     # The umask could have cleared bits, never added them; chmod makes the mode exact.
     os.chmod(path, _KEY_MODE)
-
-
-def self_signed_pem(spiffe_id: str) -> str:
-    """A throwaway self-signed client certificate naming ``spiffe_id``, as PEM, for simulated
-    requests (policy tests, explain) that need a peer certificate to bind to."""
-    now = dt.datetime.now(dt.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = _name("simulated-workload")
-    cert = (
-        _builder(name, name, key.public_key(), now)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")

@@ -195,10 +195,11 @@ class Mesh(Started):
     ) -> None:
         from importlib import resources
 
-        from extauthz.decision.jose import generate_signing_key, write_private_key
+        from extauthz.decision.jose import generate_signing_key
         from extauthz.demo.echo import EchoServer
         from extauthz.demo.idp import Idp
         from extauthz.demo.pki import make_pki
+        from extauthz.policy.loader import write_private_key
 
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)

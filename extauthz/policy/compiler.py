@@ -7,11 +7,8 @@ replacing one is the caller's business (and only with one that compiled).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,12 +18,22 @@ import yaml
 from extauthz.decision import paths
 from extauthz.decision.identity import parse_spiffe_id
 from extauthz.decision.jose import SUPPORTED_ALGORITHMS
+from extauthz.decision.model import (
+    SELF_ISSUER_ID,
+    Exchange,
+    Grant,
+    JwksSource,
+    Policy,
+    Rule,
+    TrustedIssuer,
+    normal_typ,
+)
 from extauthz.errors import PolicyError, Problem
 from extauthz.policy import yamlsrc
+from extauthz.policy.table import build_table
 
 API_VERSION = "extauthz/v1"
 KIND = "ExchangePolicy"
-SELF_ISSUER_ID = "exchange"  # the issuer id a re-exchanged token (minted by us) matches as
 MAX_POLICY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_TTL = 300
 DEFAULT_LEEWAY = 30
@@ -74,200 +81,6 @@ PROBLEM_CODES = {
     "match.workloads": "workload-invalid",
     "match": "rules-ambiguous",
 }
-
-
-# --- the compiled model ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    issuer: str
-    token_type: str  # "access_token" | "transaction_token"
-    typ: str  # JWT typ of what we mint
-    header: str  # where the minted token goes
-    max_ttl: int
-    leeway: int
-    max_token_bytes: int
-    strip_headers: tuple[str, ...]  # removed from the upstream request on allow
-
-
-@dataclass(frozen=True, slots=True)
-class JwksSource:
-    """Where an issuer's keys come from: a file (reloaded on change) or a URL (fetched in the
-    background, refreshed every ``refresh`` seconds)."""
-
-    file: Path | None = None
-    url: str | None = None
-    refresh: int = 0
-    timeout: int = 0
-
-    def __str__(self) -> str:
-        return str(self.file) if self.file is not None else str(self.url)
-
-
-@dataclass(frozen=True, slots=True)
-class TrustedIssuer:
-    id: str
-    issuer: str
-    jwks: JwksSource
-    audiences: frozenset[str]
-    algorithms: frozenset[str]
-    token_types: frozenset[str]  # accepted header typ values, lower-case, no "application/"
-    line: int | None = field(default=None, compare=False)
-    field_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
-
-    def line_of(self, fieldpath: str) -> int | None:
-        return self.field_lines.get(fieldpath, self.line)
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    audience: str
-    scopes: frozenset[str]
-    ttl: int
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    id: str
-    purpose: str
-    workloads: tuple[str, ...]
-    host: str
-    methods: frozenset[str]
-    paths: tuple[str, ...]
-    issuers: frozenset[str]
-    require_scopes: frozenset[str]
-    grant: Grant
-    shadow: bool
-    reexchange: bool
-    line: int | None = field(default=None, compare=False)
-    # "grant.ttl" -> line, for tools that point at a field (lint, explain)
-    field_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
-
-    def line_of(self, fieldpath: str) -> int | None:
-        return self.field_lines.get(fieldpath, self.line)
-
-
-@dataclass(frozen=True, slots=True)
-class WorkloadPattern:
-    """``spiffe://td/ns/*/sa/x``: ``*`` is one segment, a final ``**`` one or more."""
-
-    text: str
-    parts: tuple[str, ...]  # the ID split on "/" after the scheme
-
-    @property
-    def specificity(self) -> tuple[int, int]:
-        literal = sum(1 for p in self.parts if p not in ("*", "**"))
-        return (literal, 0 if self.parts[-1] == "**" else 1)
-
-    def matches(self, spiffe_id: str) -> bool:
-        if not spiffe_id.startswith("spiffe://"):
-            return False
-        got = spiffe_id[len("spiffe://") :].split("/")
-        want = self.parts
-        if want[-1] == "**":
-            if len(got) < len(want):
-                return False
-            want, got = want[:-1], got[: len(want) - 1]
-        elif len(got) != len(want):
-            return False
-        return all(w == "*" or w == g for w, g in zip(want, got, strict=True))
-
-
-@dataclass(slots=True)
-class Leaf:
-    """All rules sharing one (host, method, path template): who may call with which issuer."""
-
-    template: str
-    exact: dict[tuple[str, str], Rule] = field(default_factory=dict)  # (spiffe id, issuer id)
-    patterns: list[tuple[WorkloadPattern, str, Rule]] = field(default_factory=list)
-
-    def pick(self, caller: str, issuer_id: str) -> Rule | None:
-        rule = self.exact.get((caller, issuer_id))
-        if rule is not None:
-            return rule
-        for pattern, iss, candidate in self.patterns:
-            if iss == issuer_id and pattern.matches(caller):
-                return candidate
-        return None
-
-
-@dataclass(slots=True)
-class _Node:
-    literal: dict[str, _Node] = field(default_factory=dict)
-    param: _Node | None = None
-    rest: Leaf | None = None
-    leaf: Leaf | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RuleTable:
-    """host -> method -> segment trie. A lookup walks one path, so its cost depends on the
-    request's depth, not on how many rules there are."""
-
-    hosts: Mapping[str, Mapping[str, _Node]]
-
-    def leaves(self, host: str, method: str, segments: paths.Segments) -> Iterator[Leaf]:
-        """Leaves that match, most specific first: at each depth a literal segment beats a
-        ``{param}``, which beats a trailing ``**``."""
-        root = self.hosts.get(host, {}).get(method)
-        if root is None:
-            return iter(())
-        return _walk(root, segments, 0)
-
-
-def _walk(node: _Node, segments: paths.Segments, depth: int) -> Iterator[Leaf]:
-    if depth == len(segments):
-        if node.leaf is not None:
-            yield node.leaf
-        if node.rest is not None:
-            yield node.rest
-        return
-    seg = segments[depth]
-    child = node.literal.get(seg)
-    if child is not None:
-        yield from _walk(child, segments, depth + 1)
-    if node.param is not None and seg != "":
-        yield from _walk(node.param, segments, depth + 1)
-    if node.rest is not None:
-        yield node.rest
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    source: str
-    digest: str  # sha256 of the document text, to tell which policy a sidecar runs
-    exchange: Exchange
-    issuers: Mapping[str, TrustedIssuer]  # by id
-    issuers_by_iss: Mapping[str, TrustedIssuer]  # by the exact "iss" string
-    trust_domains: frozenset[str]
-    xfcc_trusted_hops: frozenset[str]
-    rules: tuple[Rule, ...]
-    table: RuleTable
-    shadow: bool = False  # the whole policy in shadow mode: decide and log, enforce nothing
-
-    def find_rule(
-        self, host: str, method: str, segments: paths.Segments, caller: str, issuer_id: str
-    ) -> Rule | None:
-        for leaf in self.table.leaves(host, method, segments):
-            rule = leaf.pick(caller, issuer_id)
-            if rule is not None:
-                return rule
-        return None
-
-
-@functools.lru_cache(maxsize=1024)
-def normalise_host(host: str) -> str:
-    """Lower-case, without a port or a trailing dot. Rules name hosts without ports. A
-    non-ASCII host matches nothing (Unicode case folding would turn a Kelvin sign into 'k')."""
-    if not host.isascii():
-        return ""
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    name, _, _port = host.partition(":")
-    return name.rstrip(".")
 
 
 # --- reading the document ----------------------------------------------------------------------
@@ -438,7 +251,14 @@ class _Checker:
         rules = self.rules(doc.get("rules"), doc, issuers, trust_domains, exchange)
         # The table is built even when other problems were found, from the rules that are
         # valid on their own, so overlaps are reported together with everything else.
-        table = self.table(rules)
+        table, overlaps = build_table(rules)
+        for overlap in overlaps:
+            self.fail(
+                f"rules ({overlap.rule.id})",
+                overlap.field,
+                overlap.message,
+                line=overlap.rule.line_of(overlap.field),
+            )
         if exchange is None or self.problems:
             return None
         return Policy(
@@ -828,110 +648,12 @@ class _Checker:
                     fieldpath.split(".")[-1],
                 )
 
-    # -- the table --
-
-    def table(self, rules: list[Rule]) -> RuleTable:
-        hosts: dict[str, dict[str, _Node]] = {}
-        for rule in rules:
-            issuer_ids = set(rule.issuers)
-            if rule.reexchange:
-                issuer_ids.add(SELF_ISSUER_ID)
-            for method in sorted(rule.methods):
-                root = hosts.setdefault(rule.host, {}).setdefault(method, _Node())
-                for text in rule.paths:
-                    leaf = _leaf_for(root, paths.parse_template(text))
-                    for workload in rule.workloads:
-                        for iss in sorted(issuer_ids):
-                            self.place(leaf, rule, workload, iss, method)
-        for methods in hosts.values():
-            for root in methods.values():
-                _sort_patterns(root)
-        return RuleTable(hosts)
-
-    def place(self, leaf: Leaf, rule: Rule, workload: str, iss: str, method: str) -> None:
-        where = f"rules ({rule.id})"
-        if "*" not in workload:
-            other = leaf.exact.get((workload, iss))
-            if other is not None and other.id != rule.id:
-                self.fail(
-                    where,
-                    "match",
-                    f"overlaps rule {other.id!r} on {method} {leaf.template} for {workload} "
-                    f"with issuer {iss!r}; make them disjoint",
-                    line=rule.line_of("match"),
-                )
-                return
-            leaf.exact[(workload, iss)] = rule
-            return
-        pattern = WorkloadPattern(workload, tuple(workload[len("spiffe://") :].split("/")))
-        for other_pattern, other_iss, other in leaf.patterns:
-            if other.id == rule.id or other_iss != iss:
-                continue
-            if other_pattern.specificity == pattern.specificity and patterns_overlap(
-                other_pattern.parts, pattern.parts
-            ):
-                self.fail(
-                    where,
-                    "match.workloads",
-                    f"{workload!r} overlaps {other_pattern.text!r} of rule {other.id!r} on "
-                    f"{method} {leaf.template} with issuer {iss!r}, equally specific; "
-                    "make them disjoint",
-                    line=rule.line_of("match.workloads"),
-                )
-                return
-        leaf.patterns.append((pattern, iss, rule))
-
 
 def _lines(node: Any, prefix: str, keys: tuple[str, ...]) -> dict[str, int]:
     if not isinstance(node, yamlsrc.Located):
         return {}
     found = {prefix + key: node.key_lines.get(key) for key in keys}
     return {key: line for key, line in found.items() if line is not None}
-
-
-def _leaf_for(root: _Node, template: paths.Template) -> Leaf:
-    node = root
-    for seg in template.segments:
-        if seg == paths.REST:
-            if node.rest is None:
-                node.rest = Leaf(template.text)
-            return node.rest
-        if seg == paths.PARAM:
-            if node.param is None:
-                node.param = _Node()
-            node = node.param
-        else:
-            node = node.literal.setdefault(seg, _Node())
-    if node.leaf is None:
-        node.leaf = Leaf(template.text)
-    return node.leaf
-
-
-def _sort_patterns(node: _Node) -> None:
-    for leaf in (node.leaf, node.rest):
-        if leaf is not None:
-            leaf.patterns.sort(key=lambda entry: entry[0].specificity, reverse=True)
-    for child in node.literal.values():
-        _sort_patterns(child)
-    if node.param is not None:
-        _sort_patterns(node.param)
-
-
-def patterns_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    """Could one SPIFFE ID match both segment patterns?"""
-    a_rest, b_rest = a[-1] == "**", b[-1] == "**"
-    a_fixed = a[:-1] if a_rest else a
-    b_fixed = b[:-1] if b_rest else b
-    if not a_rest and not b_rest and len(a) != len(b):
-        return False
-    if a_rest and not b_rest and len(b) < len(a):
-        return False
-    if b_rest and not a_rest and len(a) < len(b):
-        return False
-    for x, y in zip(a_fixed, b_fixed, strict=False):
-        if x != "*" and y != "*" and x != y:
-            return False
-    return True
 
 
 def _workload_problem(text: str, trust_domains: list[str]) -> str:
@@ -975,8 +697,3 @@ def parse_duration(value: Any) -> int | None:
             sign = -1 if found.group(1) else 1
             return sign * int(found.group(2)) * _UNIT[found.group(3)]
     return None
-
-
-def normal_typ(value: str) -> str:
-    lowered = value.lower()
-    return lowered[len("application/") :] if lowered.startswith("application/") else lowered

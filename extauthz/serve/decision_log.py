@@ -17,7 +17,7 @@ def record(decision: Decision, latency_s: float, request_id: str, now: float) ->
         decision.claims,
         decision.request,
     )
-    verdict = "allow" if decision.allowed else "deny"
+    verdict = decision.verdict
     line: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         + f".{int(now % 1 * 1000):03d}Z",

@@ -17,7 +17,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz.decision.pipeline import CheckInput, Decision
-from extauthz.decision.reasons import Reason
+from extauthz.decision.reasons import Deny, Reason
 
 _APPEND_FALSE = wrappers_pb2.BoolValue(value=False)
 
@@ -28,11 +28,9 @@ MAX_HEADERS = 200
 MAX_HEADER_BYTES = 64 * 1024
 
 
-class RequestTooLarge(ValueError):
-    """More headers, or more header bytes, than we are willing to look at."""
-
-
-def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
+def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput | Deny:
+    """The plain values of a CheckRequest, or a deny when it carries more headers (or header
+    bytes) than we are willing to look at."""
     attrs = request.attributes
     http = attrs.request.http
     headers: dict[str, str] = dict(http.headers)
@@ -44,9 +42,9 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
             key = hv.key.lower()
             headers[key] = f"{headers[key]},{value}" if key in headers else value
     if len(headers) > MAX_HEADERS:
-        raise RequestTooLarge(f"{len(headers)} headers")
+        return Deny(Reason.REQUEST_TOO_LARGE, f"{len(headers)} headers")
     if sum(len(k) + len(v) for k, v in headers.items()) > MAX_HEADER_BYTES:
-        raise RequestTooLarge("header bytes over the limit")
+        return Deny(Reason.REQUEST_TOO_LARGE, "header bytes over the limit")
     cert = attrs.source.certificate
     return CheckInput(
         method=http.method,

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from extauthz.decision.jose import MAX_JWKS_BYTES, IssuerKeys, parse_jwks
+from extauthz.decision.model import TrustedIssuer
 from extauthz.errors import KeyLoadError
-from extauthz.policy.compiler import TrustedIssuer
 from extauthz.serve import metrics
 
 log = logging.getLogger("extauthz.jwks")
@@ -74,10 +74,10 @@ class _Source:
 
 
 class RemoteJwks:
-    """Keeps the keys of every URL issuer fresh and reports each change through ``on_change``."""
+    """Keeps the keys of every URL issuer fresh and reports each change to its subscribers."""
 
-    def __init__(self, on_change: Callable[[], None]) -> None:
-        self._on_change = on_change
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[[], None]] = []
         self.keys: dict[str, IssuerKeys] = {}
         self.last_success: dict[str, float] = {}
         self.last_error: dict[str, str] = {}
@@ -85,6 +85,10 @@ class RemoteJwks:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._last_forced: dict[str, float] = {}
+
+    def subscribe(self, on_change: Callable[[], None]) -> None:
+        """Call ``on_change`` whenever an issuer's keys change."""
+        self._subscribers.append(on_change)
 
     def configure(self, issuers: Iterable[TrustedIssuer]) -> None:
         """Follow the policy: start tasks for new URL issuers, stop removed ones. Keys of an
@@ -162,7 +166,8 @@ class RemoteJwks:
                 metrics.JWKS_FETCHES.labels(issuer=ident, result="success").inc()
                 if self.keys.get(ident) != keys:
                     self.keys[ident] = keys
-                    self._on_change()
+                    for on_change in self._subscribers:
+                        on_change()
                 wait = source.refresh
             wake = self._wake[ident]
             with contextlib.suppress(TimeoutError):

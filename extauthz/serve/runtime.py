@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import ctypes
 import gc
-import hashlib
 import logging
 import os
 import pickle
@@ -25,46 +24,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extauthz.decision.jose import IssuerKeys, SigningKey, load_signing_key
-from extauthz.decision.pipeline import Snapshot, SubjectCache
+from extauthz.decision.jose import SigningKey
+from extauthz.decision.model import Policy, Snapshot
 from extauthz.errors import ExtauthzError, KeyLoadError, PolicyError, Problem
-from extauthz.policy.compiler import Policy, load_policy
-from extauthz.policy.loader import load_issuer_keys, own_keys
+from extauthz.policy.compiler import load_policy
+from extauthz.policy.loader import Inputs, assemble, key_files, read_inputs
 from extauthz.serve import metrics
 from extauthz.serve.jwks_remote import RemoteJwks
 
 log = logging.getLogger("extauthz.reload")
 FIRST_FETCH_WAIT = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Loaded:
-    """What was read from disk in one go."""
-
-    policy: Policy
-    file_keys: dict[str, IssuerKeys]
-    signing: tuple[tuple[str, SigningKey], ...]  # (path, key), sorted by path
-    digest: str  # over the contents of every input, to skip no-op reloads
-
-
-def key_files(paths: Sequence[Path]) -> list[Path]:
-    """Files named directly, and every regular file in directories named (a mounted Secret:
-    its ``..data`` machinery starts with a dot and is skipped)."""
-    out: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            out.extend(
-                path / name
-                for name in sorted(os.listdir(path))
-                if not name.startswith(".") and (path / name).is_file()
-            )
-        else:
-            out.append(path)
-    return sorted(out, key=str)
 
 
 # Above this size a policy is compiled in a child process: compiling 10,000 rules holds the
@@ -105,24 +77,6 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def read_inputs(policy_path: Path, key_paths: Sequence[Path]) -> Loaded:
-    policy = load_policy_isolated(policy_path)
-    file_keys = load_issuer_keys(policy)
-    files = key_files(key_paths)
-    if not files:
-        raise KeyLoadError("no signing key file found in " + ", ".join(map(str, key_paths)))
-    signing = tuple((str(p), load_signing_key(p)) for p in files)
-    digest = hashlib.sha256()
-    digest.update(policy.digest.encode())
-    for issuer in sorted(policy.issuers.values(), key=lambda i: i.id):
-        if issuer.jwks.file is not None:
-            # The key material, not only the kids: a key replaced under the same kid counts.
-            digest.update(issuer.id.encode() + b":" + issuer.jwks.file.read_bytes())
-    for path, key in signing:
-        digest.update(f"{path}:{key.kid}".encode())
-    return Loaded(policy, file_keys, signing, digest.hexdigest())
-
-
 def _stat(path: Path) -> tuple[Any, ...]:
     try:
         real = os.path.realpath(path)
@@ -130,10 +84,6 @@ def _stat(path: Path) -> tuple[Any, ...]:
         return (str(path), real, st.st_ino, st.st_mtime_ns, st.st_size)
     except OSError as exc:
         return (str(path), "missing", exc.errno)
-
-
-def _count_cache_lookup(hit: bool) -> None:
-    metrics.CACHE.labels(cache="subject", result="hit" if hit else "miss").inc()
 
 
 class Runtime:
@@ -149,7 +99,7 @@ class Runtime:
         key_activation_delay: float = 60.0,
         clock: Callable[[], float] = time.time,
         dev_key: SigningKey | None = None,
-        subject_cache_size: int = 10_000,
+        remote: RemoteJwks | None = None,
     ) -> None:
         self._install = install
         self.policy_path = policy_path
@@ -158,9 +108,9 @@ class Runtime:
         self.key_activation_delay = key_activation_delay
         self.clock = clock
         self.dev_key = dev_key
-        self.subject_cache_size = subject_cache_size
-        self.remote = RemoteJwks(on_change=self._remote_changed)
-        self.loaded: Loaded | None = None
+        self.remote = remote or RemoteJwks()
+        self.remote.subscribe(self._remote_changed)
+        self.loaded: Inputs | None = None
         self.snapshot: Snapshot | None = None
         self.generation = 0
         self.last_error: str | None = None
@@ -171,16 +121,13 @@ class Runtime:
 
     # -- reading --
 
-    def _read(self) -> Loaded:
-        if self.dev_key is not None:
-            policy = load_policy_isolated(self.policy_path)
-            return Loaded(
-                policy,
-                load_issuer_keys(policy),
-                (("(dev)", self.dev_key),),
-                policy.digest,
-            )
-        return read_inputs(self.policy_path, self.key_paths)
+    def _read(self) -> Inputs:
+        return read_inputs(
+            self.policy_path,
+            self.key_paths,
+            compile_policy=load_policy_isolated,
+            dev_key=self.dev_key,
+        )
 
     def fingerprint(self) -> tuple[Any, ...]:
         watched = [self.policy_path]
@@ -273,7 +220,7 @@ class Runtime:
         metrics.RELOADS.labels(result="failure").inc()
         log.error("reload failed, keeping generation %d: %s", self.generation, message)
 
-    def _accept(self, loaded: Loaded) -> None:
+    def _accept(self, loaded: Inputs) -> None:
         if self.loaded is not None and loaded.digest == self.loaded.digest:
             self.last_error = None  # back to the content that loaded: nothing is wrong now
             self._swap()
@@ -294,7 +241,7 @@ class Runtime:
 
     # -- composing the Snapshot --
 
-    def signing_order(self, loaded: Loaded) -> list[SigningKey]:
+    def signing_order(self, loaded: Inputs) -> list[SigningKey]:
         """The active key first, then the rest in path order (all of them are published)."""
         keys = [key for _path, key in loaded.signing]
         now = self.clock()
@@ -323,15 +270,7 @@ class Runtime:
             and current.issuer_keys == issuer_keys
         ):
             return
-        snapshot = Snapshot(
-            policy=loaded.policy,
-            issuer_keys=issuer_keys,
-            signing_keys=tuple(order),
-            own_keys=own_keys(order),
-            # A new snapshot starts with an empty cache: nothing verified under old keys or an
-            # old policy survives a reload.
-            subject_cache=SubjectCache(self.subject_cache_size, _count_cache_lookup),
-        )
+        snapshot = assemble(loaded.policy, issuer_keys, order)
         self.snapshot = snapshot
         self.generation += 1
         self._install(snapshot)
@@ -351,11 +290,20 @@ class Runtime:
             len(order),
         )
 
-    # -- what the sidecar runs --
+    # -- the admin port's Status --
 
-    def status(self) -> dict[str, Any]:
+    def ready(self) -> bool:
+        """Whether a policy and a key are loaded."""
+        return self.snapshot is not None
+
+    def published_keys(self) -> tuple[SigningKey, ...]:
+        """Every key of ours that verifiers should accept (the active one first)."""
+        return self.snapshot.signing_keys if self.snapshot is not None else ()
+
+    def status(self) -> dict[str, object]:
+        """The status document served at ``/statusz``."""
         snap = self.snapshot
-        issuers = {}
+        issuers: dict[str, object] = {}
         if snap is not None:
             for ident, issuer in snap.policy.issuers.items():
                 keys = snap.issuer_keys.get(ident)

@@ -17,14 +17,15 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extauthz.decision.pipeline import Snapshot
+from extauthz.decision.jose import SigningKey
 from extauthz.serve import metrics
-from extauthz.serve.server import AdminServer, run_until_signalled, split_address
+from extauthz.serve.admin import AdminServer, split_address
+from extauthz.serve.process import run_until_signalled
+from extauthz.serve.runtime import Runtime
 
 log = logging.getLogger("extauthz.serve.workers")
 RESTART_DELAY = 1.0
@@ -55,7 +56,7 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, runtime: Any, worker_argv: Sequence[str], addresses: list[str]) -> None:
+    def __init__(self, runtime: Runtime, worker_argv: Sequence[str], addresses: list[str]) -> None:
         self.runtime = runtime
         self.workers = [
             Worker(
@@ -81,14 +82,16 @@ class Supervisor:
     # -- Status for the admin port --
 
     def ready(self) -> bool:
-        return self.runtime.snapshot is not None and all(w.serving for w in self.workers)
+        """Loaded here, and every worker SERVING."""
+        return self.runtime.ready() and all(w.serving for w in self.workers)
 
-    def snapshot(self) -> Snapshot | None:
-        snap: Snapshot | None = self.runtime.snapshot
-        return snap
+    def published_keys(self) -> tuple[SigningKey, ...]:
+        """The keys the workers sign with and publish (they load the same files)."""
+        return self.runtime.published_keys()
 
-    def status(self) -> dict[str, Any]:
-        doc: dict[str, Any] = dict(self.runtime.status())
+    def status(self) -> dict[str, object]:
+        """The runtime's status document and each worker's state."""
+        doc = self.runtime.status()
         doc["workers"] = [
             {
                 "index": w.index,

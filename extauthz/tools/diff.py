@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from extauthz.policy.compiler import Policy, Rule, TrustedIssuer
+from extauthz.decision.model import Policy, Rule, TrustedIssuer
 
 WIDENS, NARROWS, NEUTRAL = "widens", "narrows", "neutral"
 

@@ -13,16 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from extauthz.decision import paths
+from extauthz.decision.authenticate import extract_bearer
+from extauthz.decision.authorize import request_of
 from extauthz.decision.jose import TokenFormatError, parse_compact
-from extauthz.decision.pipeline import (
-    CheckInput,
-    Decision,
-    Snapshot,
-    decide,
-    extract_bearer,
-    request_of,
-)
-from extauthz.policy.compiler import SELF_ISSUER_ID, Rule, WorkloadPattern, normalise_host
+from extauthz.decision.model import SELF_ISSUER_ID, Rule, Snapshot, WorkloadPattern, normalise_host
+from extauthz.decision.pipeline import CheckInput, Decision, decide
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +31,7 @@ class Explanation:
     def to_json(self) -> dict[str, Any]:
         d = self.decision
         return {
-            "decision": "allow" if d.allowed else "deny",
+            "decision": d.verdict,
             "reason": d.reason.code,
             "http_status": d.reason.http_status,
             "detail": d.detail or None,
@@ -53,7 +48,7 @@ class Explanation:
 def explain(inp: CheckInput, snap: Snapshot, now: float) -> Explanation:
     decision = decide(inp, snap, now, lambda: secrets.token_urlsafe(16))
     token = _token_facts(inp.headers, snap)
-    request = request_of(inp)
+    request = request_of(inp.method, inp.host, inp.path)
     issuer_id = token.get("issuer_id")
     caller = decision.caller or inp.principal
     req = {
@@ -142,7 +137,7 @@ def why_not(
 def _workload_matches(selector: str, caller: str) -> bool:
     if "*" not in selector:
         return selector == caller
-    return WorkloadPattern(selector, tuple(selector[len("spiffe://") :].split("/"))).matches(caller)
+    return WorkloadPattern.parse(selector).matches(caller)
 
 
 def render(exp: Explanation) -> str:
@@ -182,7 +177,7 @@ def render(exp: Explanation) -> str:
             lines.append(f"   {key}: {value}")
     else:
         lines.append("   nothing minted")
-    verdict = "allow" if d.allowed else "deny"
+    verdict = d.verdict
     rule = f", rule {d.rule.id}" if d.rule else ""
     shadow = " (shadow: not enforced, request passes untouched)" if d.shadow else ""
     detail = f" - {d.detail}" if d.detail else ""

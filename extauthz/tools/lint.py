@@ -17,18 +17,11 @@ from typing import Any
 
 from extauthz.decision import paths
 from extauthz.decision.identity import parse_spiffe_id
+from extauthz.decision.model import SELF_ISSUER_ID, Policy, Rule, TrustedIssuer, WorkloadPattern
 from extauthz.errors import PolicyError
 from extauthz.policy import yamlsrc
-from extauthz.policy.compiler import (
-    MAX_POLICY_BYTES,
-    SELF_ISSUER_ID,
-    Policy,
-    Rule,
-    TrustedIssuer,
-    WorkloadPattern,
-    compile_policy,
-    patterns_overlap,
-)
+from extauthz.policy.compiler import MAX_POLICY_BYTES, compile_policy
+from extauthz.policy.table import patterns_overlap
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 SHORT_TTL = 60  # seconds; longer grants are flagged even when under maxTtl
@@ -477,8 +470,8 @@ def templates_overlap(a: paths.Segments, b: paths.Segments) -> bool:
 def _workloads_overlap(x: str, y: str) -> bool:
     if "*" not in x and "*" not in y:
         return x == y
-    px = WorkloadPattern(x, tuple(x[len("spiffe://") :].split("/")))
-    py = WorkloadPattern(y, tuple(y[len("spiffe://") :].split("/")))
+    px = WorkloadPattern.parse(x)
+    py = WorkloadPattern.parse(y)
     if "*" not in x:
         return py.matches(x)
     if "*" not in y:

@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
+from extauthz.decision.model import Policy
 from extauthz.decision.pipeline import Decision
 from extauthz.errors import ExtauthzError
 from extauthz.policy import yamlsrc
-from extauthz.policy.compiler import Policy, parse_duration
+from extauthz.policy.compiler import parse_duration
 from extauthz.tools.simulate import SimRequest, Simulator
 
 _REQUEST_FIELDS = {
@@ -229,7 +230,7 @@ def run_cases(policy: Policy, cases: Sequence[Case], now: float | None = None) -
 
 def check(expect: Expect, decision: Decision) -> list[str]:
     failures: list[str] = []
-    got = "allow" if decision.allowed else "deny"
+    got = decision.verdict
     if got != expect.decision:
         failures.append(f"expected {expect.decision}, got {got} ({decision.reason.code})")
         return failures

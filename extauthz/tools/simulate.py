@@ -1,21 +1,26 @@
 """Simulated requests for offline tools (``policy test``, ``explain``).
 
 A simulated request is signed by a throwaway key per trusted issuer and run through the very
-same ``core.decide`` the server runs, against a Snapshot whose issuer keys are those throwaway
+same ``decide`` the server runs, against a Snapshot whose issuer keys are those throwaway
 keys. Nothing here touches the policy's real JWKS files or signing keys.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from extauthz.decision.jose import IssuerKeys, SigningKey, generate_issuer_key, generate_signing_key
-from extauthz.decision.pipeline import CheckInput, Decision, Snapshot, decide
-from extauthz.policy.compiler import Policy, TrustedIssuer
-from extauthz.policy.loader import own_keys
+from extauthz.decision.model import Policy, TrustedIssuer
+from extauthz.decision.pipeline import CheckInput, Decision, decide
+from extauthz.policy.loader import assemble
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,15 +48,13 @@ class Simulator:
             issuer.id: generate_issuer_key(_algorithm_for(issuer))
             for issuer in policy.issuers.values()
         }
-        signing = generate_signing_key()
-        self.snapshot = Snapshot(
-            policy=policy,
-            issuer_keys={
+        self.snapshot = assemble(
+            policy,
+            {
                 ident: IssuerKeys({key.kid: key.public()}, ())
                 for ident, key in self.issuer_keys.items()
             },
-            signing_keys=(signing,),
-            own_keys=own_keys([signing]),
+            [generate_signing_key()],
         )
 
     def subject_token(self, req: SimRequest, now: float) -> str | None:
@@ -72,8 +75,6 @@ class Simulator:
         return self.issuer_keys[issuer.id].sign(claims, req.token_type)
 
     def check_input(self, req: SimRequest, now: float) -> CheckInput:
-        from extauthz.demo.pki import self_signed_pem
-
         headers = {k.lower(): v for k, v in req.headers.items()}
         token = self.subject_token(req, now)
         if token is not None:
@@ -84,7 +85,7 @@ class Simulator:
             path=req.path,
             headers=headers,
             principal=req.workload,
-            peer_certificate=self_signed_pem(req.workload) if req.certificate else "",
+            peer_certificate=self_signed_pem(req.workload, now) if req.certificate else "",
             request_id="simulated",
         )
 
@@ -99,3 +100,26 @@ def _algorithm_for(issuer: TrustedIssuer) -> str:
         if alg in issuer.algorithms:
             return alg
     return sorted(issuer.algorithms)[0]
+
+
+def self_signed_pem(spiffe_id: str, now: float) -> str:
+    """A throwaway self-signed client certificate naming ``spiffe_id``, as PEM, for simulated
+    requests that need a peer certificate to bind the minted token to."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "simulated-workload")])
+    start = dt.datetime.fromtimestamp(now, dt.UTC) - dt.timedelta(minutes=1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")

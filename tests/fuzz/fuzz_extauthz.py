@@ -33,7 +33,7 @@ with atheris.instrument_imports():
     from extauthz.decision.pipeline import CheckInput, decide
     from extauthz.errors import KeyLoadError, PolicyError
     from extauthz.policy.compiler import compile_policy
-    from extauthz.policy.loader import build_snapshot_from
+    from extauthz.policy.loader import assemble
 
 NOW = 1_700_000_000
 POLICY_TEXT = """\
@@ -109,9 +109,7 @@ def fuzz_decide(data: bytes) -> None:
     if _SNAP is None:
         idp = generate_issuer_key("ES256")
         keys = parse_jwks(json.dumps(jwks_document([idp])).encode())
-        _SNAP = build_snapshot_from(
-            compile_policy(POLICY_TEXT), {"corp-idp": keys}, [generate_signing_key()]
-        )
+        _SNAP = assemble(compile_policy(POLICY_TEXT), {"corp-idp": keys}, [generate_signing_key()])
     fdp = atheris.FuzzedDataProvider(data)
 
     def text() -> str:

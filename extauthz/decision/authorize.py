@@ -1,0 +1,58 @@
+"""Authorize: the one rule for this request, caller and issuer, and its requirements.
+
+The request is looked up by (host, method, normalised path); the rule is then picked by the
+calling workload and the subject's issuer. No rule is a deny, never a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from extauthz.decision import paths
+from extauthz.decision.authenticate import Subject
+from extauthz.decision.model import SELF_ISSUER_ID, Policy, Rule, normalise_host
+from extauthz.decision.reasons import Deny, Reason
+
+__all__ = ["Request", "authorize", "request_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The request as rules see it: method, normalised host and path segments."""
+
+    method: str
+    host: str
+    segments: paths.Segments  # the normalised path
+
+    @property
+    def path(self) -> str:
+        """The normalised path, as the minted token's request binding names it."""
+        return paths.join(self.segments)
+
+
+def request_of(method: str, host: str, path: str) -> Request | None:
+    """The normalised request, or None when its path cannot be normalised safely."""
+    segments = paths.normalise(path)
+    if segments is None:
+        return None
+    return Request(method, normalise_host(host), segments)
+
+
+def authorize(subject: Subject, caller: str, request: Request, policy: Policy) -> Rule | Deny:
+    """The rule that allows this exchange, or why there is none."""
+    rule = policy.find_rule(
+        request.host, request.method, request.segments, caller, subject.issuer_id
+    )
+    if rule is None:
+        if subject.issuer_id == SELF_ISSUER_ID:
+            return Deny(Reason.REEXCHANGE_DENIED, "a minted token is not a subject token here")
+        return Deny(Reason.NO_RULE)
+    if subject.issuer_id == SELF_ISSUER_ID and caller not in subject.audiences:
+        return Deny(Reason.REEXCHANGE_DENIED, "minted token was not issued to this caller", rule)
+    if subject.may_act is not None and subject.may_act.get("sub") != caller:
+        return Deny(Reason.ACTOR_NOT_PERMITTED, "may_act does not name the caller", rule)
+    missing = rule.require_scopes - subject.scopes
+    if missing:
+        detail = "missing required scopes: " + " ".join(sorted(missing))
+        return Deny(Reason.INSUFFICIENT_SCOPE, detail, rule)
+    return rule

@@ -1,0 +1,254 @@
+"""The compiled policy: the immutable model that ``decide`` reads.
+
+``policy.compiler`` builds these values from a document and ``policy.table`` builds the lookup
+table; nothing here parses YAML or reports problems. A ``Policy`` is never changed once built.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from extauthz.decision import paths
+from extauthz.decision.jose import IssuerKeys, SigningKey
+
+SELF_ISSUER_ID = "exchange"  # the issuer id a re-exchanged token (minted by us) matches as
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """Who we are when we mint, and the limits on what we accept and produce."""
+
+    issuer: str
+    token_type: str  # "access_token" | "transaction_token"
+    typ: str  # JWT typ of what we mint
+    header: str  # where the minted token goes
+    max_ttl: int
+    leeway: int
+    max_token_bytes: int
+    strip_headers: tuple[str, ...]  # removed from the upstream request on allow
+
+
+@dataclass(frozen=True, slots=True)
+class JwksSource:
+    """Where an issuer's keys come from: a file (reloaded on change) or a URL (fetched in the
+    background, refreshed every ``refresh`` seconds)."""
+
+    file: Path | None = None
+    url: str | None = None
+    refresh: int = 0
+    timeout: int = 0
+
+    def __str__(self) -> str:
+        return str(self.file) if self.file is not None else str(self.url)
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedIssuer:
+    """An identity provider whose tokens may be exchanged, with its keys' source and limits."""
+
+    id: str
+    issuer: str
+    jwks: JwksSource
+    audiences: frozenset[str]
+    algorithms: frozenset[str]
+    token_types: frozenset[str]  # accepted header typ values, lower-case, no "application/"
+    line: int | None = field(default=None, compare=False)
+    field_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, fieldpath: str) -> int | None:
+        """The document line of a field ("grant.ttl"), else of the entry."""
+        return self.field_lines.get(fieldpath, self.line)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a rule mints: one audience, the grantable scopes, a lifetime in seconds."""
+
+    audience: str
+    scopes: frozenset[str]
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One exchange path: who may call what, with which subject token, to get which grant."""
+
+    id: str
+    purpose: str
+    workloads: tuple[str, ...]
+    host: str
+    methods: frozenset[str]
+    paths: tuple[str, ...]
+    issuers: frozenset[str]
+    require_scopes: frozenset[str]
+    grant: Grant
+    shadow: bool
+    reexchange: bool
+    line: int | None = field(default=None, compare=False)
+    # "grant.ttl" -> line, for tools that point at a field (lint, explain)
+    field_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def line_of(self, fieldpath: str) -> int | None:
+        """The document line of a field ("grant.ttl"), else of the entry."""
+        return self.field_lines.get(fieldpath, self.line)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadPattern:
+    """``spiffe://td/ns/*/sa/x``: ``*`` is one segment, a final ``**`` one or more."""
+
+    text: str
+    parts: tuple[str, ...]  # the ID split on "/" after the scheme
+
+    @classmethod
+    def parse(cls, text: str) -> WorkloadPattern:
+        """The pattern of a ``spiffe://`` selector; the compiler has checked its shape."""
+        return cls(text, tuple(text[len("spiffe://") :].split("/")))
+
+    @property
+    def specificity(self) -> tuple[int, int]:
+        """Literal segments first, then a fixed length beats a trailing ``**``."""
+        literal = sum(1 for p in self.parts if p not in ("*", "**"))
+        return (literal, 0 if self.parts[-1] == "**" else 1)
+
+    def matches(self, spiffe_id: str) -> bool:
+        """Whether ``spiffe_id`` is one of the IDs this pattern stands for."""
+        if not spiffe_id.startswith("spiffe://"):
+            return False
+        got = spiffe_id[len("spiffe://") :].split("/")
+        want = self.parts
+        if want[-1] == "**":
+            if len(got) < len(want):
+                return False
+            want, got = want[:-1], got[: len(want) - 1]
+        elif len(got) != len(want):
+            return False
+        return all(w == "*" or w == g for w, g in zip(want, got, strict=True))
+
+
+@dataclass(slots=True)
+class Leaf:
+    """All rules sharing one (host, method, path template): who may call with which issuer."""
+
+    template: str
+    exact: dict[tuple[str, str], Rule] = field(default_factory=dict)  # (spiffe id, issuer id)
+    patterns: list[tuple[WorkloadPattern, str, Rule]] = field(default_factory=list)
+
+    def pick(self, caller: str, issuer_id: str) -> Rule | None:
+        """The rule for this caller and issuer: an exact SPIFFE ID first, then the most
+        specific pattern."""
+        rule = self.exact.get((caller, issuer_id))
+        if rule is not None:
+            return rule
+        for pattern, iss, candidate in self.patterns:
+            if iss == issuer_id and pattern.matches(caller):
+                return candidate
+        return None
+
+
+@dataclass(slots=True)
+class Node:
+    """One depth of the segment trie: literal children, one ``{param}`` child, and the leaves
+    of templates that end here (``leaf``) or continue with ``**`` (``rest``)."""
+
+    literal: dict[str, Node] = field(default_factory=dict)
+    param: Node | None = None
+    rest: Leaf | None = None
+    leaf: Leaf | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTable:
+    """host -> method -> segment trie. A lookup walks one path, so its cost depends on the
+    request's depth, not on how many rules there are."""
+
+    hosts: Mapping[str, Mapping[str, Node]]
+
+    def leaves(self, host: str, method: str, segments: paths.Segments) -> Iterator[Leaf]:
+        """Leaves that match, most specific first: at each depth a literal segment beats a
+        ``{param}``, which beats a trailing ``**``."""
+        root = self.hosts.get(host, {}).get(method)
+        if root is None:
+            return iter(())
+        return _walk(root, segments, 0)
+
+
+def _walk(node: Node, segments: paths.Segments, depth: int) -> Iterator[Leaf]:
+    if depth == len(segments):
+        if node.leaf is not None:
+            yield node.leaf
+        if node.rest is not None:
+            yield node.rest
+        return
+    seg = segments[depth]
+    child = node.literal.get(seg)
+    if child is not None:
+        yield from _walk(child, segments, depth + 1)
+    if node.param is not None and seg != "":
+        yield from _walk(node.param, segments, depth + 1)
+    if node.rest is not None:
+        yield node.rest
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A compiled policy document: the exchange, the trusted issuers and the rule table."""
+
+    source: str
+    digest: str  # sha256 of the document text, to tell which policy a sidecar runs
+    exchange: Exchange
+    issuers: Mapping[str, TrustedIssuer]  # by id
+    issuers_by_iss: Mapping[str, TrustedIssuer]  # by the exact "iss" string
+    trust_domains: frozenset[str]
+    xfcc_trusted_hops: frozenset[str]
+    rules: tuple[Rule, ...]
+    table: RuleTable
+    shadow: bool = False  # the whole policy in shadow mode: decide and log, enforce nothing
+
+    def find_rule(
+        self, host: str, method: str, segments: paths.Segments, caller: str, issuer_id: str
+    ) -> Rule | None:
+        """The one rule for this request and caller, or None (which is a deny)."""
+        for leaf in self.table.leaves(host, method, segments):
+            rule = leaf.pick(caller, issuer_id)
+            if rule is not None:
+                return rule
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a decision reads, swapped as one value when anything is reloaded."""
+
+    policy: Policy
+    issuer_keys: Mapping[str, IssuerKeys]  # by trusted issuer id
+    signing_keys: tuple[SigningKey, ...]  # all published; the first one signs
+    own_keys: IssuerKeys  # public halves of all our keys, to recognise re-exchanged tokens
+
+    @property
+    def signing_key(self) -> SigningKey:
+        """The key that signs what we mint."""
+        return self.signing_keys[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def normalise_host(host: str) -> str:
+    """Lower-case, without a port or a trailing dot. Rules name hosts without ports. A
+    non-ASCII host matches nothing (Unicode case folding would turn a Kelvin sign into 'k')."""
+    if not host.isascii():
+        return ""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    name, _, _port = host.partition(":")
+    return name.rstrip(".")
+
+
+def normal_typ(value: str) -> str:
+    """A JWT ``typ`` compared as RFC 8725 says: case-insensitive, without ``application/``."""
+    lowered = value.lower()
+    return lowered[len("application/") :] if lowered.startswith("application/") else lowered

@@ -1,0 +1,128 @@
+"""Building the rule table, and finding the overlaps that would make a lookup ambiguous.
+
+The table is a trie per (host, method) over the path template's segments; each leaf holds the
+rules for that template by (caller, issuer). Two rules that could answer the same request with
+equal specificity are an overlap: the compiler refuses them and lint reports the same finding.
+Building costs one pass over the rules, so overlap detection is linear in their number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from extauthz.decision import paths
+from extauthz.decision.model import SELF_ISSUER_ID, Leaf, Node, Rule, RuleTable, WorkloadPattern
+
+__all__ = ["Overlap", "build_table", "patterns_overlap"]
+
+
+@dataclass(frozen=True, slots=True)
+class Overlap:
+    """Two rules that would both answer one request, equally specific."""
+
+    rule: Rule  # the later rule, which is not placed
+    other: Rule  # the rule already in the table
+    field: str  # "match" (the same exact caller) or "match.workloads" (two patterns)
+    message: str
+
+
+def build_table(rules: Sequence[Rule]) -> tuple[RuleTable, tuple[Overlap, ...]]:
+    """The lookup table of ``rules``, and every overlap found while placing them (a rule that
+    overlaps is left out of that leaf)."""
+    hosts: dict[str, dict[str, Node]] = {}
+    overlaps: list[Overlap] = []
+    for rule in rules:
+        issuer_ids = set(rule.issuers)
+        if rule.reexchange:
+            issuer_ids.add(SELF_ISSUER_ID)
+        for method in sorted(rule.methods):
+            root = hosts.setdefault(rule.host, {}).setdefault(method, Node())
+            for text in rule.paths:
+                leaf = _leaf_for(root, paths.parse_template(text))
+                for workload in rule.workloads:
+                    for iss in sorted(issuer_ids):
+                        overlap = _place(leaf, rule, workload, iss, method)
+                        if overlap is not None:
+                            overlaps.append(overlap)
+    for methods in hosts.values():
+        for root in methods.values():
+            _sort_patterns(root)
+    return RuleTable(hosts), tuple(overlaps)
+
+
+def _place(leaf: Leaf, rule: Rule, workload: str, iss: str, method: str) -> Overlap | None:
+    if "*" not in workload:
+        other = leaf.exact.get((workload, iss))
+        if other is not None and other.id != rule.id:
+            return Overlap(
+                rule,
+                other,
+                "match",
+                f"overlaps rule {other.id!r} on {method} {leaf.template} for {workload} "
+                f"with issuer {iss!r}; make them disjoint",
+            )
+        leaf.exact[(workload, iss)] = rule
+        return None
+    pattern = WorkloadPattern.parse(workload)
+    for other_pattern, other_iss, other in leaf.patterns:
+        if other.id == rule.id or other_iss != iss:
+            continue
+        if other_pattern.specificity == pattern.specificity and patterns_overlap(
+            other_pattern.parts, pattern.parts
+        ):
+            return Overlap(
+                rule,
+                other,
+                "match.workloads",
+                f"{workload!r} overlaps {other_pattern.text!r} of rule {other.id!r} on "
+                f"{method} {leaf.template} with issuer {iss!r}, equally specific; "
+                "make them disjoint",
+            )
+    leaf.patterns.append((pattern, iss, rule))
+    return None
+
+
+def _leaf_for(root: Node, template: paths.Template) -> Leaf:
+    node = root
+    for seg in template.segments:
+        if seg == paths.REST:
+            if node.rest is None:
+                node.rest = Leaf(template.text)
+            return node.rest
+        if seg == paths.PARAM:
+            if node.param is None:
+                node.param = Node()
+            node = node.param
+        else:
+            node = node.literal.setdefault(seg, Node())
+    if node.leaf is None:
+        node.leaf = Leaf(template.text)
+    return node.leaf
+
+
+def _sort_patterns(node: Node) -> None:
+    for leaf in (node.leaf, node.rest):
+        if leaf is not None:
+            leaf.patterns.sort(key=lambda entry: entry[0].specificity, reverse=True)
+    for child in node.literal.values():
+        _sort_patterns(child)
+    if node.param is not None:
+        _sort_patterns(node.param)
+
+
+def patterns_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Could one SPIFFE ID match both segment patterns?"""
+    a_rest, b_rest = a[-1] == "**", b[-1] == "**"
+    a_fixed = a[:-1] if a_rest else a
+    b_fixed = b[:-1] if b_rest else b
+    if not a_rest and not b_rest and len(a) != len(b):
+        return False
+    if a_rest and not b_rest and len(b) < len(a):
+        return False
+    if b_rest and not a_rest and len(a) < len(b):
+        return False
+    for x, y in zip(a_fixed, b_fixed, strict=False):
+        if x != "*" and y != "*" and x != y:
+            return False
+    return True

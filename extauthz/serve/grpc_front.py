@@ -1,0 +1,83 @@
+"""The gRPC front: ext_authz v3 ``Check`` and ``grpc.health.v1``, SERVING only while loaded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extauthz.decision.pipeline import CheckInput, Decision
+from extauthz.decision.reasons import Deny, Reason
+from extauthz.serve import edge
+from extauthz.serve.sidecar import Sidecar
+
+__all__ = ["AUTHZ_SERVICE", "GrpcEdge", "GrpcFront"]
+
+AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+class GrpcEdge:
+    """CheckRequest in, CheckResponse out (see ``edge``)."""
+
+    def parse(self, request: external_auth_pb2.CheckRequest) -> CheckInput | Deny:
+        return edge.check_input(request)
+
+    def respond(self, decision: Decision) -> external_auth_pb2.CheckResponse:
+        return edge.check_response(decision)
+
+    def internal_error(self) -> external_auth_pb2.CheckResponse:
+        return edge.deny_response(Reason.INTERNAL_ERROR)
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._sidecar = sidecar
+        self._edge = GrpcEdge()
+
+    async def Check(  # noqa: N802 - the gRPC method name
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        return self._sidecar.check(request, self._edge)
+
+
+class GrpcFront:
+    """The gRPC server around one Sidecar."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        # Without so_reuseport=0 a second server could bind the same port and share traffic.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationService(sidecar), self.server
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._sidecar = sidecar
+
+    async def start(self, address: str) -> int:
+        """Listen on ``address``; the port actually bound (for port 0)."""
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await self.server.start()
+        await self.set_serving(self._sidecar.snapshot is not None)
+        return port
+
+    async def set_serving(self, serving: bool) -> None:
+        """What grpc.health.v1 answers, for the server and the Authorization service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", AUTHZ_SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
+        """NOT_SERVING first and keep answering for ``drain_delay``, so Envoy's health checks
+        steer new checks elsewhere before we refuse them; then finish what is in flight."""
+        await self.set_serving(False)
+        if drain_delay > 0:
+            await asyncio.sleep(drain_delay)
+        await self.server.stop(grace)

@@ -1,0 +1,101 @@
+"""One serving process: the gRPC front, the admin port and the reload loop, until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from extauthz.serve.admin import AdminServer, split_address
+from extauthz.serve.decision_log import DecisionLog
+from extauthz.serve.grpc_front import GrpcFront
+from extauthz.serve.runtime import Runtime
+from extauthz.serve.sidecar import Sidecar
+
+__all__ = ["Addresses", "configure_logging", "run_until_signalled", "serve_single"]
+
+log = logging.getLogger("extauthz")
+LOG_FLUSH_INTERVAL = 0.1
+
+
+async def run_until_signalled(
+    on_reload: Callable[[], None], stop: asyncio.Event | None = None
+) -> asyncio.Event:
+    """Install SIGTERM/SIGINT (stop) and SIGHUP (reload) handlers; return the stop event."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    return stop
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    """Where to listen; None leaves that port closed."""
+
+    grpc: str | None
+    admin: str | None
+
+
+async def serve_single(
+    sidecar: Sidecar,
+    runtime: Runtime,
+    addresses: Addresses,
+    *,
+    grace: float = 10.0,
+    drain_delay: float = 0.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM (or ``stop``): NOT_SERVING for ``drain_delay``, then up to
+    ``grace`` seconds for the checks in flight."""
+    front = GrpcFront(sidecar) if addresses.grpc else None
+    admin = AdminServer(runtime) if addresses.admin else None
+    stop = await run_until_signalled(runtime.request_reload, stop)
+    await runtime.start()
+    if front is not None and addresses.grpc is not None:
+        port = await front.start(addresses.grpc)
+        log.info("ext_authz gRPC on %s:%d", addresses.grpc.rpartition(":")[0], port)
+    if admin is not None and addresses.admin is not None:
+        admin_port = await admin.start(addresses.admin)
+        log.info("admin HTTP on %s:%d", split_address(addresses.admin)[0], admin_port)
+    reloader = asyncio.create_task(runtime.run(stop))
+    flusher = asyncio.create_task(_flush_periodically(sidecar.decision_log))
+    await stop.wait()
+    log.info(
+        "stopping: NOT_SERVING for %.1fs, then up to %.1fs for in-flight checks", drain_delay, grace
+    )
+    if front is not None:
+        await front.stop(grace, drain_delay)
+    if admin is not None:
+        await admin.stop()
+    for task in (reloader, flusher):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    sidecar.decision_log.flush()
+
+
+async def _flush_periodically(decision_log: DecisionLog) -> None:
+    while True:
+        await asyncio.sleep(LOG_FLUSH_INTERVAL)
+        try:
+            decision_log.flush()
+        except (OSError, ValueError):
+            log.exception("decision log flush failed")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Operational messages to stderr, one line each, with the process id."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    )
+    root = logging.getLogger("extauthz")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

@@ -1,0 +1,154 @@
+"""The sidecar: one check from a front's request to its response, whatever happens.
+
+A front (the gRPC service today) turns its wire request into a ``CheckInput`` (or a deny, for
+a request too large to look at) and a ``Decision`` back into its wire response. Between the
+two, ``Sidecar.check`` runs ``decide`` on the current Snapshot, counts, logs, and turns any
+fault into a deny inside the response, never an aborted call that ``failure_mode_allow``
+could turn into an allow.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from prometheus_client import Counter
+
+from extauthz.decision.authenticate import LruSubjectCache
+from extauthz.decision.model import Snapshot
+from extauthz.decision.pipeline import CheckInput, Decision, decide
+from extauthz.decision.reasons import Deny, Reason
+from extauthz.serve import metrics
+from extauthz.serve.decision_log import DecisionLog
+
+__all__ = ["Edge", "Sidecar", "new_jti"]
+
+log = logging.getLogger("extauthz")
+
+RequestT = TypeVar("RequestT", contravariant=True)
+ResponseT = TypeVar("ResponseT")
+
+
+def new_jti() -> str:
+    """A fresh token id: 128 random bits, URL-safe."""
+    return secrets.token_urlsafe(16)
+
+
+class Edge(Protocol[RequestT, ResponseT]):
+    """What a front knows: its wire format in and out."""
+
+    def parse(self, request: RequestT) -> CheckInput | Deny: ...
+    def respond(self, decision: Decision) -> ResponseT: ...
+    def internal_error(self) -> ResponseT: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    snapshot: Snapshot
+    # Belongs to this snapshot only: nothing verified under old keys or an old policy
+    # survives a reload.
+    cache: LruSubjectCache
+
+
+class Sidecar:
+    """Holds the current Snapshot. Replacing it is one attribute store: a request sees either
+    the old snapshot (and its subject cache) or the new one, never a mix."""
+
+    def __init__(
+        self,
+        decision_log: DecisionLog,
+        *,
+        clock: Callable[[], float] = time.time,
+        subject_cache_size: int = 10_000,
+        on_unknown_kid: Callable[[str], None] | None = None,
+    ) -> None:
+        self.decision_log = decision_log
+        self.clock = clock
+        self.subject_cache_size = subject_cache_size
+        self.on_unknown_kid = on_unknown_kid
+        self._loaded: _Loaded | None = None
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """What decisions read now; None until a policy and a key are loaded."""
+        loaded = self._loaded
+        return loaded.snapshot if loaded is not None else None
+
+    def install(self, snapshot: Snapshot | None) -> None:
+        """Decide from ``snapshot`` from the next check on, with an empty subject cache."""
+        self._loaded = (
+            _Loaded(snapshot, LruSubjectCache(self.subject_cache_size))
+            if snapshot is not None
+            else None
+        )
+
+    def check(self, request: RequestT, edge: Edge[RequestT, ResponseT]) -> ResponseT:
+        """Decide one request and answer it in the front's wire format."""
+        started = time.perf_counter()
+        now = self.clock()
+        request_id = ""
+        try:
+            loaded = self._loaded
+            parsed = edge.parse(request)
+            if isinstance(parsed, Deny):
+                decision = Decision(parsed.reason, parsed.detail)
+            elif loaded is None:
+                request_id = parsed.request_id
+                decision = Decision(Reason.NOT_READY, "no policy or key loaded")
+            else:
+                request_id = parsed.request_id
+                decision = decide(parsed, loaded.snapshot, now, new_jti, loaded.cache)
+            response = edge.respond(decision)
+        except Exception:
+            log.exception("internal error while deciding; denying")
+            decision = Decision(Reason.INTERNAL_ERROR, "internal error")
+            response = edge.internal_error()
+        elapsed = time.perf_counter() - started
+        try:
+            # A key we do not know may be one the issuer just rotated in: fetch its JWKS again
+            # (rate-limited by the fetcher).
+            unknown = decision.reason is Reason.KEY_UNKNOWN and decision.issuer_id
+            if unknown and self.on_unknown_kid is not None:
+                self.on_unknown_kid(decision.issuer_id)
+            _count(decision, elapsed)
+            self.decision_log.write(decision, elapsed, request_id, now)
+        except Exception:
+            log.exception("recording the decision failed")
+        return response
+
+
+def _count(decision: Decision, elapsed: float) -> None:
+    rule = decision.rule.id if decision.rule else ""
+    _decision_counter(decision.allowed, decision.reason.code, rule, decision.shadow).inc()
+    metrics.DECISION_SECONDS.observe(elapsed)
+    if decision.token is not None:
+        _minted_counter(rule).inc()
+    if decision.cache_hit is not None:
+        _cache_counter(decision.cache_hit).inc()
+
+
+# Looking a labelled child up by its label values costs more than incrementing it; the label
+# sets are few (reasons x rules), so keep the children.
+@functools.lru_cache(maxsize=16384)
+def _decision_counter(allowed: bool, reason: str, rule: str, shadow: bool) -> Counter:
+    return metrics.DECISIONS.labels(
+        decision="allow" if allowed else "deny",
+        reason=reason,
+        rule=rule,
+        shadow="true" if shadow else "false",
+    )
+
+
+@functools.lru_cache(maxsize=16384)
+def _minted_counter(rule: str) -> Counter:
+    return metrics.TOKENS_MINTED.labels(rule=rule)
+
+
+@functools.lru_cache(maxsize=2)
+def _cache_counter(hit: bool) -> Counter:
+    return metrics.CACHE.labels(cache="subject", result="hit" if hit else "miss")
