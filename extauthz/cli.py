@@ -8,20 +8,42 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from extauthz import __version__
+from extauthz.decision.jose import generate_signing_key
+from extauthz.decision.model import Snapshot
+from extauthz.decision.pipeline import CheckInput
+from extauthz.decision.reasons import Deny
+from extauthz.demo import run_demo
 from extauthz.errors import ExtauthzError, PolicyError
+from extauthz.policy.compiler import load_policy
+from extauthz.policy.loader import assemble, load_jwks_file, load_signing_key, write_private_key
+from extauthz.serve.address import split_address
+from extauthz.serve.edge import recorded_check_input
+from extauthz.tools.diff import WIDENS, diff_policies
+from extauthz.tools.diff import render as render_diff
+from extauthz.tools.explain import explain
+from extauthz.tools.explain import render as render_explanation
+from extauthz.tools.lint import ERROR, WARNING, UnreadablePolicy, lint_file
+from extauthz.tools.policytest import load_cases, run_cases
+from extauthz.tools.policytest import render as render_cases
+from extauthz.tools.simulate import SimRequest, Simulator
+
+# The serving modules that count metrics are imported inside the commands that use them: with
+# ``--workers`` the supervisor must set PROMETHEUS_MULTIPROC_DIR before prometheus_client is
+# first imported, since it picks its mode at import time.
 
 
 def _serve(args: argparse.Namespace) -> int:
     supervising = args.workers > 1 and not args.worker
     metrics_dir = None
     if supervising:
-        import tempfile
-
         # Before anything imports prometheus_client: it picks its mode at import time. The
         # workers inherit the variable, so every process writes where the supervisor reads.
         metrics_dir = tempfile.mkdtemp(prefix="extauthz-metrics-")
@@ -34,10 +56,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
-    import tempfile
-
-    from extauthz.decision.jose import generate_signing_key
-    from extauthz.policy.loader import write_private_key
     from extauthz.serve.decision_log import DecisionLog
     from extauthz.serve.jwks_remote import RemoteJwks
     from extauthz.serve.process import Addresses, configure_logging, serve_single
@@ -125,9 +143,6 @@ def _worker_argv(args: argparse.Namespace, key_paths: list[Path]) -> list[str]:
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
-    from extauthz.decision.jose import generate_signing_key
-    from extauthz.policy.loader import write_private_key
-
     key = generate_signing_key(args.alg)
     try:
         write_private_key(key, Path(args.out))
@@ -140,8 +155,6 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 
 def _policy_lint(args: argparse.Namespace) -> int:
-    from extauthz.tools.lint import ERROR, WARNING, UnreadablePolicy, lint_file
-
     findings = []
     for name in args.files:
         try:
@@ -167,9 +180,6 @@ def _policy_lint(args: argparse.Namespace) -> int:
 
 
 def _policy_test(args: argparse.Namespace) -> int:
-    from extauthz.policy.compiler import load_policy
-    from extauthz.tools.policytest import load_cases, render, run_cases
-
     try:
         policy = load_policy(Path(args.policy))
         cases = [case for name in args.cases for case in load_cases(Path(name))]
@@ -177,41 +187,24 @@ def _policy_test(args: argparse.Namespace) -> int:
     except ExtauthzError as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2
-    print(render(report))
+    print(render_cases(report))
     if args.require_coverage and report.uncovered:
         return 1
     return 1 if report.failed else 0
 
 
 def _policy_diff(args: argparse.Namespace) -> int:
-    from extauthz.policy.compiler import load_policy
-    from extauthz.tools.diff import WIDENS, diff_policies
-
     try:
         old, new = load_policy(Path(args.old)), load_policy(Path(args.new))
     except ExtauthzError as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2
     changes = diff_policies(old, new)
-    widens = [c for c in changes if c.effect == WIDENS]
-    if args.format == "json":
-        doc = {"changes": [c.to_json() for c in changes], "widens": bool(widens)}
-        print(json.dumps(doc, indent=2))
-    else:
-        for change in changes:
-            print(change.render())
-        if not changes:
-            print("no change to what the policy grants")
-        elif widens:
-            print(f"{len(widens)} change(s) WIDEN what the policy grants")
-    return 3 if widens else 0
+    print(render_diff(changes, args.format))
+    return 3 if any(c.effect == WIDENS for c in changes) else 0
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import time
-
-    from extauthz.tools.explain import explain, render
-
     now = args.now if args.now is not None else time.time()
     try:
         inp, snap = _explain_input(args, now)
@@ -222,32 +215,22 @@ def _explain(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(result.to_json(), indent=2, default=str))
     else:
-        print(render(result))
+        print(render_explanation(result))
     return 0
 
 
-def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
-    from extauthz.policy.compiler import load_policy
-
+def _explain_input(args: argparse.Namespace, now: float) -> tuple[CheckInput, Snapshot]:
     policy = load_policy(Path(args.policy))
     if args.request:
-        from envoy.service.auth.v3 import external_auth_pb2
-        from google.protobuf import json_format
-
-        from extauthz.decision.jose import generate_signing_key
-        from extauthz.decision.reasons import Deny
-        from extauthz.policy.loader import assemble, load_jwks_file, load_signing_key
-        from extauthz.serve.edge import check_input
-        from extauthz.serve.jwks_remote import fetch_jwks
+        # The recorded request is Envoy's wire format: the serving layer reads it.
+        from extauthz.serve.jwks_remote import fetch_jwks  # (metrics: see _serve_with)
 
         try:
-            message = json_format.Parse(
-                Path(args.request).read_text(),
-                external_auth_pb2.CheckRequest(),
-                ignore_unknown_fields=True,
-            )
-        except json_format.ParseError as exc:
-            raise ValueError(f"{args.request}: not a CheckRequest in protobuf JSON: {exc}") from exc
+            inp = recorded_check_input(Path(args.request).read_text())
+        except ValueError as exc:
+            raise ValueError(f"{args.request}: {exc}") from exc
+        if isinstance(inp, Deny):
+            raise ValueError(f"{args.request}: {inp.detail}: more than extauthz looks at")
         issuer_keys = {}
         for issuer in policy.issuers.values():
             try:
@@ -258,14 +241,9 @@ def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
             except ExtauthzError as exc:
                 print(f"extauthz: note: {exc}", file=sys.stderr)
         keys = [load_signing_key(Path(p)) for p in args.signing_key or []]
-        snap = assemble(policy, issuer_keys, keys or [generate_signing_key()])
-        inp = check_input(message)
-        if isinstance(inp, Deny):
-            raise ValueError(f"{args.request}: {inp.detail}: more than extauthz looks at")
-        return inp, snap
+        return inp, assemble(policy, issuer_keys, keys or [generate_signing_key()])
     if not (args.workload and args.host and args.path):
         raise ValueError("give --request FILE, or --workload, --host and --path")
-    from extauthz.tools.simulate import SimRequest, Simulator
 
     claims = json.loads(args.claims) if args.claims else {}
     if not isinstance(claims, dict):
@@ -286,10 +264,6 @@ def _explain_input(args: argparse.Namespace, now: float) -> tuple[Any, Any]:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import urllib.error
-    import urllib.request
-
-    from extauthz.serve.admin import split_address
 
     host, port = split_address(args.admin_address)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -303,8 +277,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from extauthz.demo import run_demo
-
     return run_demo(as_json=args.json, keep=args.keep)
 
 

@@ -12,7 +12,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from extauthz.decision.jose import TokenFormatError, parse_compact, verify_signature
 from extauthz.decision.model import SELF_ISSUER_ID, Snapshot, normal_typ
@@ -53,8 +53,13 @@ class SubjectCache(Protocol):
     whenever the Snapshot changes: nothing verified under old keys or an old policy may
     survive a reload."""
 
-    def get(self, token: str) -> Subject | None: ...
-    def put(self, token: str, subject: Subject) -> None: ...
+    def get(self, token: str) -> Subject | None:
+        """The subject verified earlier from exactly this token text, if remembered."""
+        ...
+
+    def put(self, token: str, subject: Subject) -> None:
+        """Remember the subject verified from this token text."""
+        ...
 
 
 class LruSubjectCache:
@@ -173,7 +178,7 @@ def _verify(token: str, snapshot: Snapshot) -> Subject | Deny:
     return _subject_claims(claims, issuer_id, iss, audiences)
 
 
-def _number(value: Any) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 

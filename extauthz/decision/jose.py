@@ -2,7 +2,7 @@
 
 Parsing is ours and strict (duplicate JSON keys, bad base64, non-UTF-8 all fail); signature
 arithmetic is PyJWT's algorithm objects over ``cryptography`` keys. Nothing here reads the
-clock or decides policy: ``core`` does that with what these functions return.
+clock, a file or the policy: the phases decide with what these functions return.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,27 @@ _ALGORITHMS: dict[str, Any] = {
     "ES512": ECAlgorithm(ECAlgorithm.SHA512),
     "EdDSA": OKPAlgorithm(),
 }
+__all__ = [
+    "MAX_JWKS_BYTES",
+    "SIGNING_ALGORITHMS",
+    "SUPPORTED_ALGORITHMS",
+    "CompactJWS",
+    "IssuerKeys",
+    "SigningKey",
+    "TokenFormatError",
+    "VerifyKey",
+    "b64encode",
+    "generate_issuer_key",
+    "generate_signing_key",
+    "jwks_document",
+    "parse_compact",
+    "parse_jwks",
+    "private_key_pem",
+    "signing_key_from_pem",
+    "thumbprint",
+    "verify_signature",
+]
+
 SUPPORTED_ALGORITHMS = frozenset(_ALGORITHMS)
 SIGNING_ALGORITHMS = frozenset({"ES256", "EdDSA"})
 _EC_CURVE_FOR = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
@@ -53,6 +74,7 @@ class TokenFormatError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class CompactJWS:
+    """A parsed, not yet verified, JWS in compact form."""
     header: Mapping[str, Any]
     claims: Mapping[str, Any]
     signing_input: bytes
@@ -69,6 +91,7 @@ def _b64decode(part: str) -> bytes:
 
 
 def b64encode(data: bytes) -> str:
+    """base64url without padding (RFC 7515 section 2)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
@@ -187,6 +210,7 @@ class IssuerKeys:
         object.__setattr__(self, "algorithms", frozenset(a for k in keys for a in k.algorithms))
 
     def candidates(self, kid: str | None, alg: str) -> list[VerifyKey]:
+        """The keys a token with this ``kid`` (or none) and ``alg`` may be verified with."""
         if kid is not None:
             found = self.by_kid.get(kid)
             return [found] if found is not None and alg in found.algorithms else []
@@ -237,6 +261,8 @@ def parse_jwks(data: bytes) -> IssuerKeys:
 
 
 def verify_signature(token: CompactJWS, key: VerifyKey, alg: str) -> bool:
+    """Whether ``key`` signed ``token`` with ``alg``; False for an algorithm the key's type
+    does not permit."""
     if alg not in key.algorithms:
         return False
     try:
@@ -271,9 +297,11 @@ class SigningKey:
     private_key: Any = field(repr=False)
 
     def public(self) -> VerifyKey:
+        """The public half, as a verifier holds it."""
         return VerifyKey(self.kid, frozenset({self.alg}), self.private_key.public_key())
 
     def sign(self, claims: Mapping[str, Any], typ: str) -> str:
+        """A compact JWS of ``claims`` with this key's ``alg`` and ``kid`` and ``typ``."""
         head = _encoded_header(self.alg, self.kid, typ)
         body = b64encode(json.dumps(claims, separators=(",", ":")).encode())
         signing_input = f"{head}.{body}".encode("ascii")
@@ -286,7 +314,11 @@ def _encoded_header(alg: str, kid: str, typ: str) -> str:
     return b64encode(json.dumps(header, separators=(",", ":")).encode())
 
 
-_EC_HASH = {"ES256": hashes.SHA256, "ES384": hashes.SHA384, "ES512": hashes.SHA512}
+_EC_HASH: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "ES256": hashes.SHA256,
+    "ES384": hashes.SHA384,
+    "ES512": hashes.SHA512,
+}
 _EC_SIZE = {"ES256": 32, "ES384": 48, "ES512": 66}
 
 
@@ -318,6 +350,7 @@ def _signing_key_from_private(private: Any) -> SigningKey:
 
 
 def generate_signing_key(alg: str = "ES256") -> SigningKey:
+    """A new signing key of ours (ES256 or EdDSA)."""
     if alg == "ES256":
         return _signing_key_from_private(ec.generate_private_key(ec.SECP256R1()))
     if alg == "EdDSA":
@@ -357,12 +390,16 @@ def signing_key_from_pem(data: bytes) -> SigningKey:
 
 
 def private_key_pem(key: SigningKey) -> bytes:
-    return key.private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+    """The private key as unencrypted PKCS#8 PEM, for the key file."""
+    return bytes(
+        key.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
 
 
 def jwks_document(keys: Iterable[SigningKey]) -> dict[str, Any]:
+    """The JWKS that publishes the public halves of ``keys``."""
     return {"keys": [dict(k.public_jwk) for k in keys]}

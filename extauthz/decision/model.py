@@ -14,6 +14,23 @@ from pathlib import Path
 from extauthz.decision import paths
 from extauthz.decision.jose import IssuerKeys, SigningKey
 
+__all__ = [
+    "SELF_ISSUER_ID",
+    "Exchange",
+    "Grant",
+    "JwksSource",
+    "Leaf",
+    "Node",
+    "Policy",
+    "Rule",
+    "RuleTable",
+    "Snapshot",
+    "TrustedIssuer",
+    "WorkloadPattern",
+    "normal_typ",
+    "normalise_host",
+]
+
 SELF_ISSUER_ID = "exchange"  # the issuer id a re-exchanged token (minted by us) matches as
 
 

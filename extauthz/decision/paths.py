@@ -11,6 +11,18 @@ import functools
 import re
 from dataclasses import dataclass
 
+__all__ = [
+    "MAX_PATH",
+    "PARAM",
+    "REST",
+    "Segments",
+    "Template",
+    "join",
+    "normalise",
+    "parse_template",
+    "template_matches",
+]
+
 MAX_PATH = 4096
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -104,6 +116,7 @@ def _decode_segment(part: str) -> str | None:
 
 
 def join(segments: Segments) -> str:
+    """The path of normalised segments."""
     return "/" + "/".join(segments)
 
 

@@ -10,8 +10,9 @@ from typing import Protocol
 
 from extauthz.decision.jose import SigningKey, jwks_document
 from extauthz.serve import metrics
+from extauthz.serve.address import split_address
 
-__all__ = ["AdminServer", "Status", "split_address"]
+__all__ = ["AdminServer", "Status"]
 
 log = logging.getLogger("extauthz")
 MAX_ADMIN_REQUEST = 8192
@@ -31,14 +32,6 @@ class Status(Protocol):
     def status(self) -> Mapping[str, object]:
         """The status document (JSON) served at ``/statusz``."""
         ...
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` (or ``[v6]:port``) as a host and a port number."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{address!r} is not host:port")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class AdminServer:

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2, wrappers_pb2
+from google.protobuf import json_format, struct_pb2, wrappers_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz.decision.pipeline import CheckInput, Decision
@@ -55,6 +55,17 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput | Deny:
         peer_certificate=_peer_pem(cert) if cert else "",
         request_id=http.id,
     )
+
+
+def recorded_check_input(text: str) -> CheckInput | Deny:
+    """The input of a CheckRequest recorded as protobuf JSON (``explain --request``)."""
+    try:
+        message = json_format.Parse(
+            text, external_auth_pb2.CheckRequest(), ignore_unknown_fields=True
+        )
+    except json_format.ParseError as exc:
+        raise ValueError(f"not a CheckRequest in protobuf JSON: {exc}") from exc
+    return check_input(message)
 
 
 @functools.lru_cache(maxsize=1024)  # the same certificate arrives on every request of a peer
@@ -137,7 +148,7 @@ def deny_response(
     else:
         grpc_code = code_pb2.PERMISSION_DENIED
     denied = external_auth_pb2.DeniedHttpResponse(
-        status=http_status_pb2.HttpStatus(code=reason.http_status),  # type: ignore[arg-type]
+        status=http_status_pb2.HttpStatus(code=reason.http_status),
         headers=headers,
         body=json.dumps({"error": reason.code}),
     )

@@ -31,7 +31,9 @@ class GrpcEdge:
         return edge.deny_response(Reason.INTERNAL_ERROR)
 
 
-class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+class AuthorizationService:
+    """The ext_authz v3 Authorization service (registered by name, so it needs no base)."""
+
     def __init__(self, sidecar: Sidecar) -> None:
         self._sidecar = sidecar
         self._edge = GrpcEdge()
@@ -57,7 +59,7 @@ class GrpcFront:
 
     async def start(self, address: str) -> int:
         """Listen on ``address``; the port actually bound (for port 0)."""
-        port = self.server.add_insecure_port(address)
+        port = int(self.server.add_insecure_port(address))
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()

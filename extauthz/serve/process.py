@@ -10,7 +10,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from extauthz.serve.admin import AdminServer, split_address
+from extauthz.serve.address import split_address
+from extauthz.serve.admin import AdminServer
 from extauthz.serve.decision_log import DecisionLog
 from extauthz.serve.grpc_front import GrpcFront
 from extauthz.serve.runtime import Runtime

@@ -31,7 +31,7 @@ __all__ = ["Edge", "Sidecar", "new_jti"]
 log = logging.getLogger("extauthz")
 
 RequestT = TypeVar("RequestT", contravariant=True)
-ResponseT = TypeVar("ResponseT")
+ResponseT = TypeVar("ResponseT", covariant=True)
 
 
 def new_jti() -> str:
@@ -112,9 +112,9 @@ class Sidecar:
         try:
             # A key we do not know may be one the issuer just rotated in: fetch its JWKS again
             # (rate-limited by the fetcher).
-            unknown = decision.reason is Reason.KEY_UNKNOWN and decision.issuer_id
-            if unknown and self.on_unknown_kid is not None:
-                self.on_unknown_kid(decision.issuer_id)
+            issuer_id = decision.issuer_id if decision.reason is Reason.KEY_UNKNOWN else None
+            if issuer_id and self.on_unknown_kid is not None:
+                self.on_unknown_kid(issuer_id)
             _count(decision, elapsed)
             self.decision_log.write(decision, elapsed, request_id, now)
         except Exception:

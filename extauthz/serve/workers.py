@@ -23,11 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extauthz.decision.jose import SigningKey
 from extauthz.serve import metrics
-from extauthz.serve.admin import AdminServer, split_address
+from extauthz.serve.address import split_address
+from extauthz.serve.admin import AdminServer
 from extauthz.serve.process import run_until_signalled
 from extauthz.serve.runtime import Runtime
 
-log = logging.getLogger("extauthz.serve.workers")
+log = logging.getLogger("extauthz.workers")
 RESTART_DELAY = 1.0
 HEALTH_INTERVAL = 0.5
 

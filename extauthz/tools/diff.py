@@ -7,32 +7,54 @@ fails the change when anything widens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from extauthz.decision.model import Policy, Rule, TrustedIssuer
+
+__all__ = ["NARROWS", "NEUTRAL", "WIDENS", "Change", "diff_policies", "render"]
 
 WIDENS, NARROWS, NEUTRAL = "widens", "narrows", "neutral"
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
+    """One difference between two policies, and whether it widens what they grant."""
+
     effect: str  # widens | narrows | neutral
     kind: str  # stable: rule-added, scopes-added, ttl-raised, ...
     rule: str | None
     detail: str
 
     def render(self) -> str:
+        """One line for a reviewer."""
         mark = {WIDENS: "WIDENS ", NARROWS: "narrows", NEUTRAL: "       "}[self.effect]
         subject = f"rule {self.rule}: " if self.rule else ""
         return f"{mark}  {self.kind}: {subject}{self.detail}"
 
     def to_json(self) -> dict[str, Any]:
+        """The change as a JSON object."""
         return asdict(self)
 
 
+def render(changes: Sequence[Change], output: str = "text") -> str:
+    """The report ``policy diff`` prints: one line per change and a verdict, or JSON."""
+    widens = [c for c in changes if c.effect == WIDENS]
+    if output == "json":
+        doc = {"changes": [c.to_json() for c in changes], "widens": bool(widens)}
+        return json.dumps(doc, indent=2)
+    lines = [change.render() for change in changes]
+    if not changes:
+        lines.append("no change to what the policy grants")
+    elif widens:
+        lines.append(f"{len(widens)} change(s) WIDEN what the policy grants")
+    return "\n".join(lines)
+
+
 def diff_policies(old: Policy, new: Policy) -> list[Change]:
+    """Every change from ``old`` to ``new``, rules compared by id."""
     changes = [*_exchange(old, new), *_issuers(old, new), *_workloads(old, new)]
     old_rules = {r.id: r for r in old.rules}
     new_rules = {r.id: r for r in new.rules}

@@ -15,7 +15,7 @@ from typing import Any
 from extauthz.decision import paths
 from extauthz.decision.authenticate import extract_bearer
 from extauthz.decision.authorize import request_of
-from extauthz.decision.jose import TokenFormatError, parse_compact
+from extauthz.decision.jose import IssuerKeys, TokenFormatError, parse_compact
 from extauthz.decision.model import SELF_ISSUER_ID, Rule, Snapshot, WorkloadPattern, normalise_host
 from extauthz.decision.pipeline import CheckInput, Decision, decide
 
@@ -99,7 +99,7 @@ def _token_facts(headers: Mapping[str, str], snap: Snapshot) -> dict[str, Any]:
     iss = claims.get("iss")
     if iss == snap.policy.exchange.issuer:
         facts["issuer_id"] = SELF_ISSUER_ID
-        keys = snap.own_keys
+        keys: IssuerKeys | None = snap.own_keys
     else:
         trusted = snap.policy.issuers_by_iss.get(iss) if isinstance(iss, str) else None
         facts["issuer_id"] = trusted.id if trusted else None

@@ -126,7 +126,8 @@ def _case(node: Any, source: str) -> Case:
     name = node.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError("name: required")
-    return Case(name, source, node.line, _request(node.get("request")), _expect(node.get("expect")))
+    line = node.line if isinstance(node, yamlsrc.Located) else None
+    return Case(name, source, line, _request(node.get("request")), _expect(node.get("expect")))
 
 
 def _request(node: Any) -> SimRequest:

@@ -1,0 +1,13 @@
+"""Listen addresses as operators write them."""
+
+from __future__ import annotations
+
+__all__ = ["split_address"]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) as a host and a port number."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{address!r} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
