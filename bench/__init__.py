@@ -1,10 +1,10 @@
 """The project's own benchmark: ``python -m bench`` from the repository root.
 
-It measures the decision core alone, signing and verification, the gRPC Check service
+It measures the decision core alone, ``policy lint`` on large policies, the gRPC Check service
 directly and through the real Envoy (each against an allow-all floor built on the very same
 server stack), ``--workers 1`` against ``--workers 2``, and the resident memory of a worker
-holding 10,000 rules and a full subject-token cache. It writes a JSON result file and a PNG
-chart, and prints one JSON summary object as its last line. See docs/performance.md.
+holding 10,000 rules and a full subject-token cache. It writes a JSON result and a PNG chart,
+and prints one JSON summary object as its last line. See docs/performance.md.
 """
 
-SCHEMA = "extauthz-bench/1"
+SCHEMA = "extauthz-bench/2"

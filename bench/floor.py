@@ -1,11 +1,11 @@
 """The floor: the very same gRPC server stack as ``extauthz serve`` with an allow-all handler.
 
-``python -m bench.floor --port P`` runs ``extauthz.serve.grpc_front.GrpcFront`` (ext_authz Check and
-grpc.health.v1, SERVING) around a Sidecar whose ``check`` returns a ready-made allow
-CheckResponse without deciding, metering or logging. The response has the shape of a real
-allow (the narrowed-token header, the headers to remove, dynamic metadata) so that what the
-benchmark compares against it is the cost of deciding, not of a smaller message. It prints
-``READY <port>`` once serving and stops on SIGTERM or SIGINT.
+``python -m bench.floor --grpc-address A --admin-address B``: ``GrpcFront`` (ext_authz Check
+and grpc.health.v1) around a Sidecar whose ``check`` returns a ready-made allow without
+deciding, metering or logging, and the admin port (``/readyz``) so that it is started and
+awaited like ``extauthz serve``. The response has the shape of a real allow (the narrowed-token
+header, the headers to remove, dynamic metadata): what the benchmark compares against it is
+the cost of deciding, not of a smaller message.
 """
 
 from __future__ import annotations
@@ -13,69 +13,62 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 from typing import Any
 
+from extauthz.decision.jose import SigningKey
+from extauthz.decision.pipeline import Decision
+from extauthz.decision.reasons import Reason
+from extauthz.policy.compiler import DEFAULT_STRIP_HEADERS
+from extauthz.serve.admin import AdminServer
+from extauthz.serve.decision_log import DecisionLog
+from extauthz.serve.edge import check_response
+from extauthz.serve.grpc_front import GrpcFront
+from extauthz.serve.sidecar import Sidecar
+
 # A token of the size the exchange mints (ES256 at+jwt with act, req and cnf claims).
-_TOKEN_BYTES = 760
+_TOKEN = "e" * 760
 
 
-def allow_response() -> Any:
-    from extauthz.decision.pipeline import Decision
-    from extauthz.decision.reasons import Reason
-    from extauthz.policy.compiler import DEFAULT_STRIP_HEADERS
-    from extauthz.serve.edge import check_response
+class AllowAll(Sidecar):
+    def __init__(self) -> None:
+        super().__init__(DecisionLog(None))
+        claims = {"jti": "floor-jti-0123456789abcdef"}
+        allow = Decision(
+            Reason.ALLOWED, token=_TOKEN, claims=claims, strip_headers=DEFAULT_STRIP_HEADERS
+        )
+        self._response = check_response(allow)
 
-    decision = Decision(
-        Reason.ALLOWED,
-        token="e" * _TOKEN_BYTES,
-        claims={"jti": "floor-jti-0123456789abcdef"},
-        strip_headers=DEFAULT_STRIP_HEADERS,
-    )
-    return check_response(decision)
+    def check(self, request: Any, edge: Any) -> Any:
+        return self._response
 
+    # What the admin port reports: always ready, no keys to publish.
+    def ready(self) -> bool:
+        return True
 
-def make_sidecar() -> Any:
-    from extauthz.serve.decision_log import DecisionLog
-    from extauthz.serve.sidecar import Sidecar
+    def published_keys(self) -> tuple[SigningKey, ...]:
+        return ()
 
-    class AllowAll(Sidecar):
-        def __init__(self) -> None:
-            super().__init__(DecisionLog(None))
-            self._response = allow_response()
-
-        def check(self, request: Any, edge: Any) -> Any:
-            return self._response
-
-    return AllowAll()
+    def status(self) -> dict[str, object]:
+        return {"floor": True}
 
 
-async def serve(port: int) -> None:
-    from extauthz.serve.grpc_front import GrpcFront
-
-    front = GrpcFront(make_sidecar())
-    bound = await front.start(f"127.0.0.1:{port}")
-    await front.set_serving(True)  # the allow-all sidecar has no snapshot to wait for
+async def serve(grpc_address: str, admin_address: str) -> None:
+    sidecar = AllowAll()
+    front, admin = GrpcFront(sidecar), AdminServer(sidecar)
+    await front.start(grpc_address)
+    await front.set_serving(True)
+    await admin.start(admin_address)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"READY {bound}", flush=True)
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
+    await admin.stop()
     await front.stop(0.5)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args(argv)
-    try:
-        asyncio.run(serve(args.port))
-    except OSError as exc:
-        print(f"bench.floor: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    parser.add_argument("--grpc-address", required=True)
+    parser.add_argument("--admin-address", required=True)
+    args = parser.parse_args()
+    asyncio.run(serve(args.grpc_address, args.admin_address))

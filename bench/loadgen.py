@@ -1,24 +1,13 @@
-"""Load generators: separate processes, each keeping N requests in flight over asyncio.
+"""Load generators: processes that each keep N requests in flight over asyncio.
 
-Two kinds of client, both as cheap per request as Python allows so that the server, not the
-generator, is what gets measured:
-
-- ``grpc``: a ``grpc.aio`` channel (one HTTP/2 connection, as Envoy keeps per worker) calling
-  ``/envoy.service.auth.v3.Authorization/Check`` with pre-serialised CheckRequest bytes; every
-  response is parsed and counted as an allow only if it carries an ``ok_response``.
-- ``https``: one TLS keep-alive HTTP/1.1 connection per in-flight request to Envoy's mTLS
-  listener, presenting a workload certificate; a response counts as an allow only if it is 200.
-
-Tokens are signed before the timed window: ``repeat`` cycles a handful of tokens (the sidecar
-caches them after first use), ``fresh`` gives every request its own token (a pool sized by the
-caller; a request that had to reuse one is counted in ``reused``), ``once`` sends each token
-of the pool exactly once and stops (to fill a cache).
-
-Each run: ``prepare`` (sign tokens, build payloads, connect) on every process, then ``go`` with
-one start time on the shared monotonic clock; requests before ``start + warmup`` are not
-counted; the window is ``duration`` long; no request is started after it. Each process reports
-completions in the window, their latencies and its own CPU time over the window, so the caller
-can tell whether the generator was the bottleneck.
+``grpc``: grpc.aio channels (one HTTP/2 connection per target, as Envoy keeps per worker)
+sending pre-serialised CheckRequests; an allow is a response with an ``ok_response``.
+``https``: one mTLS keep-alive HTTP/1.1 connection per request in flight to Envoy; an allow is
+a 200. Tokens are signed before the window: ``repeat`` cycles a few (cached after first use),
+``fresh`` gives every request its own, ``once`` sends each token once and stops (to fill a
+cache). Every process starts at one time on the shared monotonic clock and counts
+what completes inside the window only; the parent reads the CPU time of the sampled server
+processes and of the whole machine over the same window.
 """
 
 from __future__ import annotations
@@ -29,346 +18,208 @@ import multiprocessing
 import os
 import ssl
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
+
+from bench.fixtures import Target, check_request, sign_tokens
 from bench.stats import summary_us
+from extauthz.policy.loader import load_signing_key
 
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-READY_TIMEOUT = 120.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+Send = Callable[[bytes], Awaitable[bool]]
 
 
-# --- the child process ----------------------------------------------------------------------
+# --- in the generator process ---------------------------------------------------------------
 
 
 def _child(conn: Any) -> None:
-    while True:
-        try:
-            spec = conn.recv()
-        except (EOFError, KeyboardInterrupt):
-            return
-        if spec is None:
-            return
+    while (spec := conn.recv()) is not None:
         try:
             asyncio.run(_session(spec, conn))
-        except Exception as exc:  # noqa: BLE001 - report, so the parent can fail clearly
+        except Exception as exc:  # reported, so the parent fails with the reason
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
 def _payloads(spec: dict[str, Any]) -> list[bytes]:
-    from bench.fixtures import Target, check_request, sign_tokens
-    from extauthz.policy.loader import load_signing_key
-
     target = Target(**spec["target"])
-    key = load_signing_key(Path(spec["issuer_key_file"]))
-    tokens = sign_tokens(key, spec["pool"])
+    tokens = sign_tokens(load_signing_key(Path(spec["issuer_key_file"])), spec["pool"])
     if spec["kind"] == "grpc":
-        cert = spec["cert_pem"]
-        return [check_request(target, t, cert).SerializeToString() for t in tokens]
-    return [
-        (
-            f"{target.method} {target.path} HTTP/1.1\r\nHost: {target.host}\r\n"
-            f"Authorization: Bearer {t}\r\nUser-Agent: extauthz-bench/1\r\n"
-            "Accept: */*\r\n\r\n"
-        ).encode("ascii")
-        for t in tokens
-    ]
+        return [check_request(target, t, spec["cert_pem"]).SerializeToString() for t in tokens]
+    head = f"{target.method} {target.path} HTTP/1.1\r\nHost: {target.host}\r\n"
+    return [f"{head}Authorization: Bearer {t}\r\nAccept: */*\r\n\r\n".encode() for t in tokens]
 
 
-class _Counters:
-    def __init__(self) -> None:
-        self.latencies: list[int] = []
-        self.completed = 0
-        self.errors = 0
-        self.denied = 0
-        self.sent = 0
-        self.error_samples: list[str] = []
+class _Grpc:
+    """One grpc.aio channel, one HTTP/2 connection as Envoy keeps per worker, calling Check."""
 
-    def error(self, text: str) -> None:
-        self.errors += 1
-        if len(self.error_samples) < 3:
-            self.error_samples.append(text[:200])
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+        self.call = self.channel.unary_unary(
+            CHECK_METHOD, response_deserializer=CheckResponse.FromString
+        )
+
+    async def open(self) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), 15)
+
+    async def send(self, payload: bytes) -> bool:
+        response = await self.call(payload, timeout=10)
+        return response.status.code == 0 and response.HasField("ok_response")
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class _Https:
+    """One keep-alive mTLS connection to Envoy, opened again after an error."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.port = int(spec["targets"][0])
+        self.ctx = ssl.create_default_context(cafile=spec["ca"])
+        self.ctx.load_cert_chain(spec["cert"], spec["key"])
+
+    async def open(self) -> None:
+        opening = asyncio.open_connection("127.0.0.1", self.port, ssl=self.ctx,
+                                          server_hostname="localhost")  # fmt: skip
+        self.reader, self.writer = await asyncio.wait_for(opening, 15)
+
+    async def send(self, payload: bytes) -> bool:
+        try:
+            self.writer.write(payload)
+            head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
+            at = head.find(b"content-length:")
+            await self.reader.readexactly(
+                int(head[at + 15 : head.find(b"\r\n", at)]) if at >= 0 else 0
+            )
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            await self.close()
+            await self.open()
+            raise
+        return head.startswith(b"http/1.1 200")
+
+    async def close(self) -> None:
+        self.writer.close()
 
 
 async def _session(spec: dict[str, Any], conn: Any) -> None:
-    started = time.monotonic()
-    pool = _payloads(spec) if spec["pool"] else []
-    kind = spec["kind"]
-    lanes = spec["concurrency"]
-    channels: list[Any] = []
-    connections: list[Any] = []
-    if kind == "grpc":
-        import grpc
-
-        opts = [("grpc.enable_http_proxy", 0)]
-        channels = [grpc.aio.insecure_channel(t, options=opts) for t in spec["targets"]]
-        for ch in channels:
-            await asyncio.wait_for(ch.channel_ready(), 15)
-        calls = [ch.unary_unary(CHECK_METHOD) for ch in channels]
+    pool = _payloads(spec)
+    if spec["kind"] == "grpc":  # HTTP/2: every lane of this process shares the channels
+        connections: list[Any] = [_Grpc(target) for target in spec["targets"]]
     else:
-        ctx = ssl.create_default_context(cafile=spec["ca"])
-        ctx.load_cert_chain(spec["cert"], spec["key"])
-        port = int(spec["targets"][0])
-
-        async def connect() -> Any:
-            return await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost"),
-                15,
-            )
-
-        connections = [await connect() for _ in range(lanes)]
-    conn.send({"ready": True, "pool": len(pool), "prepare_s": round(time.monotonic() - started, 3)})
+        connections = [_Https(spec) for _ in range(spec["concurrency"])]
+    for connection in connections:
+        await connection.open()
+    senders = [connections[i % len(connections)].send for i in range(spec["concurrency"])]
+    conn.send({"ready": True})
     go = conn.recv()
-    start_ns, warmup_ns, duration_ns = go["start_ns"], go["warmup_ns"], go["duration_ns"]
-    window_start, window_end = start_ns + warmup_ns, start_ns + warmup_ns + duration_ns
-    counters = _Counters()
+    start, begin = go["start_ns"], go["start_ns"] + go["warmup_ns"]
+    end = begin + go["duration_ns"]
     once = spec["mode"] == "once"
-    next_index = [0]
-    cpu: dict[str, float] = {}
+    counts = {"sent": 0, "completed": 0, "denied": 0, "errors": 0}
+    latencies: list[int] = []
+    errors: list[str] = []
 
-    def take() -> bytes | None:
-        i = next_index[0]
-        next_index[0] = i + 1
-        if once and i >= len(pool):
-            return None
-        return pool[i % len(pool)]
-
-    async def sampler() -> None:
-        await _sleep_until(window_start)
-        cpu["start"] = time.process_time()
-        await _sleep_until(window_end)
-        cpu["end"] = time.process_time()
-
-    async def grpc_lane(i: int) -> None:
-        from envoy.service.auth.v3 import external_auth_pb2
-
-        parse = external_auth_pb2.CheckResponse.FromString
-        call = calls[i % len(calls)]
-        now, pc = time.monotonic_ns, time.perf_counter_ns
-        await _sleep_until(start_ns)
-        while True:
-            t = now()
-            if t >= window_end and not once:
-                return
-            payload = take()
-            if payload is None:
-                return
-            counters.sent += 1
-            t0 = pc()
+    async def lane(send: Send) -> None:
+        await _sleep_until(start)
+        while (counts["sent"] < len(pool)) if once else (time.monotonic_ns() < end):
+            payload = pool[counts["sent"] % len(pool)]
+            counts["sent"] += 1
+            t0, error = time.perf_counter_ns(), ""
             try:
-                raw = await call(payload, timeout=10)
-            except Exception as exc:  # noqa: BLE001 - grpc.aio errors, counted
-                if window_start <= now() < window_end or once:
-                    counters.error(f"{type(exc).__name__}: {exc}")
-                continue
-            t1 = pc()
-            done = now()
-            if once or window_start <= done < window_end:
-                response = parse(raw)
-                if response.status.code != 0 or not response.HasField("ok_response"):
-                    counters.denied += 1
-                else:
-                    counters.completed += 1
-                    counters.latencies.append(t1 - t0)
+                allowed: bool | None = await send(payload)
+            except Exception as exc:  # grpc.aio and socket errors alike: counted, not fatal
+                allowed, error = None, f"{type(exc).__name__}: {exc}"[:200]
+            elapsed = time.perf_counter_ns() - t0
+            if once or begin <= time.monotonic_ns() < end:
+                counts["errors" if allowed is None else "completed" if allowed else "denied"] += 1
+                if allowed:
+                    latencies.append(elapsed)
+                elif allowed is None and len(errors) < 3:
+                    errors.append(error)
 
-    async def https_lane(i: int) -> None:
-        reader, writer = connections[i]
-        now, pc = time.monotonic_ns, time.perf_counter_ns
-        await _sleep_until(start_ns)
-        while True:
-            t = now()
-            if t >= window_end and not once:
-                break
-            payload = take()
-            if payload is None:
-                break
-            counters.sent += 1
-            t0 = pc()
-            try:
-                writer.write(payload)
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = int(head[9:12])
-                lower = head.lower()
-                at = lower.find(b"content-length:")
-                length = int(lower[at + 15 : lower.find(b"\r\n", at)]) if at >= 0 else 0
-                if length:
-                    await reader.readexactly(length)
-                closing = b"connection: close" in lower
-            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-                if window_start <= now() < window_end:
-                    counters.error(f"{type(exc).__name__}: {exc}")
-                writer.close()
-                reader, writer = await connect()
-                continue
-            t1 = pc()
-            done = now()
-            if window_start <= done < window_end:
-                if status == 200:
-                    counters.completed += 1
-                    counters.latencies.append(t1 - t0)
-                else:
-                    counters.denied += 1
-                    if len(counters.error_samples) < 3:
-                        counters.error_samples.append(f"HTTP {status}")
-            if closing:
-                writer.close()
-                reader, writer = await connect()
-        writer.close()
+    async def cpu_in_window() -> float:
+        await _sleep_until(begin)
+        before = time.process_time()
+        await _sleep_until(end)
+        return time.process_time() - before
 
-    lane = grpc_lane if kind == "grpc" else https_lane
-    budget = (window_end - time.monotonic_ns()) / 1e9 + 20
-    watch = asyncio.ensure_future(sampler())
-    tasks = [asyncio.ensure_future(lane(i)) for i in range(lanes)]
-    timed_out = False
-    try:
-        await asyncio.wait_for(asyncio.gather(*tasks), budget)
-    except TimeoutError:
-        timed_out = True
-    if not watch.done():  # "once" ends when the pool is sent, maybe before the window does
-        watch.cancel()
-        cpu.setdefault("start", time.process_time())
-        cpu["end"] = time.process_time()
-    for ch in channels:
-        await ch.close()
-    conn.send(
-        {
-            "completed": counters.completed,
-            "denied": counters.denied,
-            "errors": counters.errors,
-            "error_samples": counters.error_samples,
-            "sent": counters.sent,
-            "pool": len(pool),
-            "reused": max(0, counters.sent - len(pool)) if pool else 0,
-            "latencies_ns": counters.latencies,
-            "cpu_s": round(cpu.get("end", 0.0) - cpu.get("start", 0.0), 3),
-            "timed_out": timed_out,
-        }
-    )
+    cpu = asyncio.ensure_future(cpu_in_window())
+    budget = (end - time.monotonic_ns()) / 1e9 + 20
+    await asyncio.wait_for(asyncio.gather(*map(lane, senders)), budget)
+    cpu_s = 0.0 if once else await cpu
+    cpu.cancel()  # a "once" run ends when its pool does, maybe long before its window
+    for connection in connections:
+        await connection.close()
+    reused = max(0, counts["sent"] - len(pool)) if spec["mode"] == "fresh" else 0
+    conn.send(counts | {"errors_seen": errors, "reused": reused, "latencies_ns": latencies,
+                        "cpu_s": cpu_s})  # fmt: skip
 
 
 async def _sleep_until(t_ns: int) -> None:
-    delay = (t_ns - time.monotonic_ns()) / 1e9
-    if delay > 0:
-        await asyncio.sleep(delay)
+    await asyncio.sleep(max(0.0, (t_ns - time.monotonic_ns()) / 1e9))
+
+
+# --- /proc: what the processes under test used ----------------------------------------------
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (all cores; everything but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / CLK_TCK
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that has just exited
+            out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def vm_status(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (the peak) of a process, in MiB."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {k: round(int(fields[k].split()[0]) / 1024, 1) for k in ("VmRSS", "VmHWM")}
+
+
+def _cpu_over(
+    pids: dict[str, int], begin: float, duration: float
+) -> tuple[dict[str, float], float]:
+    """Cores each process (name -> pid) and the whole machine used from ``begin`` on."""
+    time.sleep(max(0.0, begin - time.monotonic()))
+    before, busy = {name: process_cpu_s(pid) for name, pid in pids.items()}, machine_busy_s()
+    time.sleep(max(0.0, begin + duration - time.monotonic()))
+    used = {name: (process_cpu_s(pid) - before[name]) / duration for name, pid in pids.items()}
+    return used, (machine_busy_s() - busy) / duration
 
 
 # --- the parent side ------------------------------------------------------------------------
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process, in seconds, from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy_s() -> float | None:
-    """CPU seconds the whole machine spent busy (all cores, everything but idle and iowait)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as fh:
-            fields = [int(x) for x in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / CLK_TCK
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as fh:
-                out += [int(x) for x in fh.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def vm_status(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (peak) of a process, in MiB, from /proc/<pid>/status."""
-    out: dict[str, float] = {}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                name, _, value = line.partition(":")
-                if name in ("VmRSS", "VmHWM"):
-                    out[name] = round(int(value.split()[0]) / 1024, 1)
-    except OSError:
-        pass
-    return out
-
-
-@dataclass
-class Load:
-    """One measured run's aggregate."""
-
-    throughput: float
-    latency: dict[str, Any]
-    completed: int
-    denied: int
-    errors: int
-    reused: int
-    generator_cpu: list[float]  # per generator process, fraction of one core over the window
-    server_cpu: dict[str, float]  # per sampled process name, fraction of one core
-    machine_cpu: float | None  # the whole machine's busy cores over the window
-    duration_s: float
-    error_samples: list[str]
-    timed_out: bool
-
-    def to_json(self) -> dict[str, Any]:
-        cpu_total = sum(self.server_cpu.values())
-        foreign = None
-        if self.machine_cpu is not None and self.server_cpu:
-            foreign = self.machine_cpu - cpu_total - sum(self.generator_cpu)
-        return {
-            "throughput_rps": round(self.throughput, 1),
-            **{k: v for k, v in self.latency.items() if k != "n"},
-            "completed": self.completed,
-            "denied": self.denied,
-            "errors": self.errors,
-            "reused_tokens": self.reused,
-            "generator_cpu_cores": [round(c, 2) for c in self.generator_cpu],
-            "server_cpu_cores": {k: round(v, 2) for k, v in self.server_cpu.items()},
-            "machine_busy_cores": (
-                round(self.machine_cpu, 2) if self.machine_cpu is not None else None
-            ),
-            # what other processes on this shared machine used meanwhile (approximate)
-            "other_cpu_cores": round(max(0.0, foreign), 2) if foreign is not None else None,
-            "server_cpu_us_per_request": (
-                round(cpu_total * self.duration_s / self.completed * 1e6, 1)
-                if self.completed
-                else None
-            ),
-            **({"error_samples": self.error_samples} if self.error_samples else {}),
-            **({"timed_out": True} if self.timed_out else {}),
-        }
-
-
 class Generators:
-    """A fixed set of generator processes (spawned once: grpc must not be forked), reused by
-    every run. Use as a context manager; ``close`` stops them."""
+    """Generator processes, spawned once (grpc must not be forked) and reused by every run;
+    leaving the ``with`` stops them."""
 
     def __init__(self, processes: int) -> None:
         ctx = multiprocessing.get_context("spawn")
-        self._conns = []
-        self._procs = []
+        self._conns, self._procs = [], []
         for _ in range(processes):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_child, args=(child,), daemon=True)
-            proc.start()
+            self._procs.append(ctx.Process(target=_child, args=(child,), daemon=True))
+            self._procs[-1].start()
             child.close()
             self._conns.append(parent)
-            self._procs.append(proc)
-
-    @property
-    def size(self) -> int:
-        return len(self._procs)
 
     def _recv(self, conn: Any, timeout: float) -> dict[str, Any]:
         if not conn.poll(timeout):
@@ -378,66 +229,45 @@ class Generators:
             raise RuntimeError(f"load generator failed: {reply['error']}")
         return reply
 
-    def run(
-        self,
-        specs: Sequence[dict[str, Any]],
-        *,
-        warmup: float,
-        duration: float,
-        sample: dict[str, int] | None = None,
-    ) -> Load:
-        """Run one spec per process (the first len(specs) processes) and aggregate.
-        ``sample`` names processes (name -> pid) whose CPU time is read over the window."""
-        if len(specs) > self.size:
-            raise ValueError("more specs than generator processes")
+    def run(self, specs: Sequence[dict[str, Any]], *, warmup: float, duration: float,
+            sample: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
+        """One spec per generator process; ``sample`` names the processes (name -> pid) whose
+        CPU time counts as the server's."""
         conns = self._conns[: len(specs)]
         for conn, spec in zip(conns, specs, strict=True):
             conn.send(spec)
-        for conn in conns:
-            self._recv(conn, READY_TIMEOUT)
+        for conn in conns:  # each has signed its tokens and connected
+            self._recv(conn, 120)
         start_ns = time.monotonic_ns() + 200_000_000
-        go = {
-            "start_ns": start_ns,
-            "warmup_ns": int(warmup * 1e9),
-            "duration_ns": int(duration * 1e9),
-        }
         for conn in conns:
-            conn.send(go)
-        server_cpu: dict[str, float] = {}
-        machine_cpu = None
-        if sample:
-            window_start = start_ns / 1e9 + warmup
-            time.sleep(max(0.0, window_start - time.monotonic()))
-            before = {name: process_cpu_s(pid) for name, pid in sample.items()}
-            busy_before = machine_busy_s()
-            time.sleep(max(0.0, window_start + duration - time.monotonic()))
-            after = {name: process_cpu_s(pid) for name, pid in sample.items()}
-            busy_after = machine_busy_s()
-            if busy_before is not None and busy_after is not None:
-                machine_cpu = (busy_after - busy_before) / duration
-            for name in sample:
-                b, a = before[name], after[name]
-                if a is not None and b is not None:
-                    server_cpu[name] = (a - b) / duration
+            conn.send({"start_ns": start_ns, "warmup_ns": int(warmup * 1e9),
+                       "duration_ns": int(duration * 1e9)})  # fmt: skip
+        server, busy = _cpu_over(sample, start_ns / 1e9 + warmup, duration) if sample else ({}, 0)
         replies = [self._recv(conn, warmup + duration + 60) for conn in conns]
-        latencies = [x for r in replies for x in r["latencies_ns"]]
         completed = sum(r["completed"] for r in replies)
-        return Load(
-            throughput=completed / duration,
-            latency=summary_us(latencies),
-            completed=completed,
-            denied=sum(r["denied"] for r in replies),
-            errors=sum(r["errors"] for r in replies),
-            reused=sum(r["reused"] for r in replies),
-            generator_cpu=[r["cpu_s"] / duration for r in replies],
-            server_cpu=server_cpu,
-            machine_cpu=machine_cpu,
-            duration_s=duration,
-            error_samples=[s for r in replies for s in r["error_samples"]][:5],
-            timed_out=any(r["timed_out"] for r in replies),
-        )
+        generators = [r["cpu_s"] / duration for r in replies]
+        latency = summary_us([x for r in replies for x in r["latencies_ns"]])
+        server_cpu = sum(server.values())
+        return {
+            "throughput_rps": round(completed / duration, 1),
+            **{k: v for k, v in latency.items() if k != "n"},
+            **{k: sum(r[k] for r in replies) for k in ("completed", "denied", "errors", "reused")},
+            "server_cpu_us_per_request": (
+                round(server_cpu * duration / completed * 1e6, 1) if completed and sample else None
+            ),
+            "server_cpu_cores": {k: round(v, 2) for k, v in server.items()},
+            "generator_cpu_cores": [round(c, 2) for c in generators],
+            # what other processes on this shared machine used meanwhile (approximate)
+            "other_cpu_cores": (
+                round(max(0.0, busy - server_cpu - sum(generators)), 2) if sample else None
+            ),
+            "error_samples": [e for r in replies for e in r["errors_seen"]][:5],
+        }
 
-    def close(self) -> None:
+    def __enter__(self) -> Generators:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.send(None)
@@ -447,14 +277,8 @@ class Generators:
                 proc.terminate()
                 proc.join(5)
 
-    def __enter__(self) -> Generators:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def split(total: int, parts: int) -> list[int]:
     """``total`` in-flight requests over ``parts`` processes, as evenly as possible."""
     base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts) if base or i < extra]
+    return [base + (i < extra) for i in range(parts) if base or i < extra]

@@ -9,20 +9,20 @@ window, so a reader can see which side was saturated.
 from __future__ import annotations
 
 import math
-import os
-import re
+import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.fixtures import Setup
-from bench.loadgen import Generators, split, vm_status
-from bench.servers import EnvoyProc, Floor, Serve
-from bench.stats import median, ratio
+from bench.fixtures import Setup, write_setup
+from bench.loadgen import Generators, children_of, split, vm_status
+from bench.servers import BenchEnvoy, Floor, Serve
+from extauthz.demo.pki import Pki, make_pki
 
 Log = Callable[[str], None]
+REPEAT_POOL = 16  # tokens per generator process in warm runs: all cached after first use
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,333 +32,209 @@ class Plan:
     repeats: int
     warmup: float
     duration: float
-    direct_processes: int  # generator processes for direct gRPC
-    envoy_processes: int  # generator processes for HTTPS through Envoy
-    workers_processes: tuple[int, ...]  # generator process counts tried for --workers
-    workers_concurrency: int  # total in flight for --workers runs
-    workers_repeats: int
-    rss_tokens: int
+    processes: int  # generator processes
+    rss_tokens: int = 10_000
 
 
-class Client:
-    """How the generators build requests for one setup."""
-
-    def __init__(self, setup: Setup, pki: Any) -> None:
-        self.setup = setup
-        self.pki = pki
-        pair = pki.workloads["client"]
-        self.cert_pem = pair.cert.read_text(encoding="ascii")
-
-    def spec(
-        self, kind: str, targets: Sequence[str | int], concurrency: int, mode: str, pool: int
-    ) -> dict[str, Any]:
-        pair = self.pki.workloads["client"]
-        return {
-            "kind": kind,
-            "targets": [str(t) for t in targets],
-            "concurrency": concurrency,
-            "mode": "once" if mode == "once" else "wrap",
-            "pool": pool,
-            "target": asdict(self.setup.target),
-            "issuer_key_file": str(self.setup.issuer_key_file),
-            "cert_pem": self.cert_pem,
-            "ca": str(self.pki.ca),
-            "cert": str(pair.cert),
-            "key": str(pair.key),
-        }
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    kind: str  # "grpc" (direct) or "https" (through Envoy)
+    targets: list[str]
+    sample: dict[str, int]  # the processes whose CPU counts as the server's: name -> pid
+    fresh: bool = False  # a fresh subject token every request (cold)
 
 
-REPEAT_POOL = 16  # tokens per generator process in "repeat" runs: all cached after first use
-
-
-def fresh_pool(expected_rps: float, plan: Plan, processes: int) -> int:
-    """Tokens per process so that no request of a fresh-token run has to reuse one."""
-    need = expected_rps * (plan.warmup + plan.duration + 0.5) * 1.4 / processes
-    return int(min(60_000, max(500, math.ceil(need))))
-
-
-def _probe(gens: Generators, spec: dict[str, Any], what: str, tries: int = 1) -> None:
-    last = None
-    for attempt in range(tries):
-        load = gens.run([spec], warmup=0.0, duration=10.0)
-        if load.completed == 1:
-            return
-        last = load
-        if attempt + 1 < tries:
-            time.sleep(0.5)
-    detail = ", ".join(last.error_samples) if last else ""
-    raise RuntimeError(f"{what}: a probe request was not allowed ({detail or 'denied'})")
-
-
-def _specs(
-    client: Client, kind: str, targets: list[str | int], total: int, procs: int, mode: str,
-    pool: int,
-) -> list[dict[str, Any]]:  # fmt: skip
-    return [client.spec(kind, targets, c, mode, pool) for c in split(total, procs)]
-
-
-def _summarise(runs: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, by_conc in runs.items():
-        rows = {}
-        for conc, results in by_conc.items():
-            rows[str(conc)] = {
-                "throughput_rps": median([r["throughput_rps"] for r in results]),
-                "p50_us": median([r["p50_us"] for r in results]),
-                "p99_us": median([r["p99_us"] for r in results]),
-                "server_cpu_us_per_request": median(
-                    [r["server_cpu_us_per_request"] for r in results]
-                ),
-                "runs": results,
-            }
-        best = max(rows.values(), key=lambda r: r["throughput_rps"] or 0) if rows else None
-        out[name] = {
-            "by_concurrency": rows,
-            "capacity_rps": best["throughput_rps"] if best else None,
-        }
-    return out
-
-
-def _ratios(summary: dict[str, Any], floor: str, pairs: dict[str, str]) -> dict[str, Any]:
-    """Capacity ratios (best median throughput over concurrencies) and, per concurrency, the
-    median of the per-repeat ratios (each pair measured back to back)."""
-    out: dict[str, Any] = {}
-    for key, name in pairs.items():
-        out[key] = ratio(summary[name]["capacity_rps"], summary[floor]["capacity_rps"])
-        per: dict[str, Any] = {}
-        for conc, row in summary[name]["by_concurrency"].items():
-            base = summary[floor]["by_concurrency"].get(conc)
-            if base is None:
-                continue
-            paired = [
-                ratio(a["throughput_rps"], b["throughput_rps"])
-                for a, b in zip(row["runs"], base["runs"], strict=False)
-            ]
-            per[conc] = median(paired)
-        out[key + "_by_concurrency"] = per
-    return out
-
-
-def _line(log: Log, what: str, conc: int, rep: int, result: dict[str, Any]) -> None:
-    gen = "+".join(f"{c:.2f}" for c in result["generator_cpu_cores"])
-    srv = "+".join(f"{c:.2f}" for c in result["server_cpu_cores"].values())
-    bad = result["denied"] + result["errors"]
-    log(
-        f"  {what:<14} c={conc:<3} rep {rep + 1}: {result['throughput_rps']:8.0f}/s "
-        f"p50 {result['p50_us'] or 0:7.0f}us p99 {result['p99_us'] or 0:7.0f}us "
-        f"cpu: server {srv} gen {gen} other {result['other_cpu_cores']}"
-        + (f"  NOT ALLOWED: {bad}" if bad else "")
-    )
-
-
-# --- direct gRPC ---------------------------------------------------------------------------
-
-
-def run_direct(
-    gens: Generators, client: Client, floor: Floor, serve: Serve, plan: Plan, log: Log
-) -> dict[str, Any]:
-    procs = plan.direct_processes
-    targets: dict[str, list[str | int]] = {
-        "floor": list(floor.grpc_targets),
-        "warm": list(serve.grpc_targets),
-        "cold": list(serve.grpc_targets),
-    }
-    pids = {"floor": floor.pid, "warm": serve.pid, "cold": serve.pid}
-    _probe(gens, client.spec("grpc", targets["floor"], 1, "once", 1), "floor")
-    _probe(gens, client.spec("grpc", targets["warm"], 1, "once", 1), "extauthz serve")
-    runs: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in targets}
-    for rep in range(plan.repeats):
-        for conc in plan.direct_concurrency:
-            for name in ("floor", "warm", "cold"):
-                if name == "cold":
-                    warm = runs["warm"][conc][-1]["throughput_rps"]
-                    pool = fresh_pool(warm, plan, procs)
-                    mode = "fresh"
-                else:
-                    pool, mode = REPEAT_POOL, "repeat"
-                specs = _specs(client, "grpc", targets[name], conc, procs, mode, pool)
-                load = gens.run(
-                    specs,
-                    warmup=plan.warmup,
-                    duration=plan.duration,
-                    sample={"server": pids[name]},
-                )
-                result = load.to_json()
-                runs[name].setdefault(conc, []).append(result)
-                _line(log, f"direct {name}", conc, rep, result)
-    summary = _summarise(runs)
+def client_spec(setup: Setup, pki: Pki) -> dict[str, Any]:
+    """What every generator process needs to build its requests for ``setup``."""
+    pair = pki.workloads["client"]
     return {
-        "method": (
-            f"grpc.aio clients in {procs} processes, N requests in flight in total, one HTTP/2 "
-            "connection per process; floor = bench.floor (GrpcFront + allow-all Sidecar); "
-            "warm = extauthz serve, repeated subject tokens (cached); cold = extauthz serve, a "
-            f"fresh pre-signed subject token every request. Warm-up {plan.warmup}s, window "
-            f"{plan.duration}s, {plan.repeats} repeat(s) interleaved; medians."
-        ),
-        "scenarios": summary,
-        **_ratios(summary, "floor", {"warm_vs_floor": "warm", "cold_vs_floor": "cold"}),
+        "target": asdict(setup.target),
+        "issuer_key_file": str(setup.issuer_key_file),
+        "cert_pem": pair.cert.read_text(encoding="ascii"),
+        "ca": str(pki.ca),
+        "cert": str(pair.cert),
+        "key": str(pair.key),
     }
 
 
-# --- through Envoy --------------------------------------------------------------------------
-
-
-def run_envoy(
+def compare(
     gens: Generators,
-    client: Client,
-    floor: Floor,
-    serve: Serve,
-    workdir: Path,
+    client: dict[str, Any],
+    scenarios: list[Scenario],
+    loads: list[tuple[str, int, int]],  # (label, requests in flight, generator processes)
     plan: Plan,
+    repeats: int,
     log: Log,
 ) -> dict[str, Any]:
-    procs = plan.envoy_processes
-    envoys = {
-        "envoy_alone": EnvoyProc(
-            "envoy-alone", client.pki, workdir, authz_ports=[floor.grpc_port], ext_authz=False
-        ),
-        "floor": EnvoyProc(
-            "envoy-floor", client.pki, workdir, authz_ports=[floor.grpc_port], ext_authz=True
-        ),
-        "serve": EnvoyProc(
-            "envoy-serve", client.pki, workdir, authz_ports=[serve.grpc_port], ext_authz=True
-        ),
-    }
-    try:
-        for envoy in envoys.values():
-            envoy.wait_live()
-        for name, envoy in envoys.items():
-            spec = client.spec("https", [envoy.listen_port], 1, "once", 1)
-            _probe(gens, spec, f"Envoy ({name})", tries=30)
-        which = {"envoy_alone": "envoy_alone", "floor": "floor", "warm": "serve", "cold": "serve"}
-        sidecar = {"envoy_alone": None, "floor": floor.pid, "warm": serve.pid, "cold": serve.pid}
-        runs: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in which}
-        for rep in range(plan.repeats):
-            for conc in plan.envoy_concurrency:
-                for name in which:
-                    envoy = envoys[which[name]]
-                    if name == "cold":
-                        warm = runs["warm"][conc][-1]["throughput_rps"]
-                        pool, mode = fresh_pool(warm, plan, procs), "fresh"
-                    else:
-                        pool, mode = REPEAT_POOL, "repeat"
-                    specs = _specs(client, "https", [envoy.listen_port], conc, procs, mode, pool)
-                    sample = {"envoy": envoy.pid}
-                    if sidecar[name] is not None:
-                        sample["sidecar"] = sidecar[name]  # type: ignore[assignment]
-                    load = gens.run(
-                        specs, warmup=plan.warmup, duration=plan.duration, sample=sample
-                    )
-                    result = load.to_json()
-                    runs[name].setdefault(conc, []).append(result)
-                    _line(log, f"envoy {name}", conc, rep, result)
-    finally:
-        for envoy in envoys.values():
-            envoy.stop()
-    summary = _summarise(runs)
-    return {
-        "method": (
-            f"HTTPS/1.1 keep-alive clients (asyncio, one mTLS connection per in-flight request) "
-            f"in {procs} processes, presenting a workload certificate, to Envoy "
-            "(--concurrency 1, the shipped envoy.yaml) whose route answers 200 itself "
-            "(direct_response); envoy_alone = ext_authz filter removed; floor/warm/cold = "
-            "ext_authz to bench.floor / extauthz serve as in the direct runs. Warm-up "
-            f"{plan.warmup}s, window {plan.duration}s, {plan.repeats} repeat(s); medians."
-        ),
-        "scenarios": summary,
-        **_ratios(summary, "floor", {"warm_vs_floor": "warm", "cold_vs_floor": "cold"}),
-        "floor_vs_envoy_alone": ratio(
-            summary["floor"]["capacity_rps"], summary["envoy_alone"]["capacity_rps"]
-        ),
-    }
-
-
-# --- --workers 1 vs 2 -----------------------------------------------------------------------
-
-
-def run_workers(
-    gens: Generators, client: Client, one: Serve, two: Serve, plan: Plan, log: Log
-) -> dict[str, Any]:
-    for serve in (one, two):
-        _probe(gens, client.spec("grpc", serve.grpc_targets, 1, "once", 1), serve.name)
-    worker_pids = two.worker_pids()
-    if len(worker_pids) != 2:
-        raise RuntimeError(f"--workers 2 runs {len(worker_pids)} worker processes")
-    servers = {1: one, 2: two}
-    runs: dict[str, dict[int, list[dict[str, Any]]]] = {"workers_1": {}, "workers_2": {}}
-    conc = plan.workers_concurrency
-    for rep in range(plan.workers_repeats):
-        for procs in plan.workers_processes:
-            for count, serve in servers.items():
-                targets: list[str | int] = list(serve.grpc_targets)
-                specs = _specs(client, "grpc", targets, conc, procs, "repeat", REPEAT_POOL)
-                sample = (
-                    {"server": serve.pid}
-                    if count == 1
-                    else {
-                        "supervisor": serve.pid,
-                        **{f"worker{i}": p for i, p in enumerate(worker_pids)},
-                    }
+    """Every scenario at every load, interleaved, ``repeats`` times: medians per load, and the
+    capacity (the best median over loads) per scenario."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s.name: {} for s in scenarios}
+    for rep in range(repeats):
+        for label, in_flight, procs in loads:
+            for i, scen in enumerate(scenarios):
+                pool = REPEAT_POOL
+                if scen.fresh:  # enough tokens that none is reused, from the warm run just before
+                    warm = runs[scenarios[i - 1].name][label][-1]["throughput_rps"]
+                    need = warm * (plan.warmup + plan.duration + 0.5) * 1.4 / procs
+                    pool = int(min(60_000, max(500, math.ceil(need))))
+                base = {**client, "kind": scen.kind, "targets": scen.targets, "pool": pool}
+                mode = "fresh" if scen.fresh else "repeat"
+                specs = [base | {"concurrency": c, "mode": mode} for c in split(in_flight, procs)]
+                run = gens.run(
+                    specs, warmup=plan.warmup, duration=plan.duration, sample=scen.sample
                 )
-                load = gens.run(specs, warmup=plan.warmup, duration=plan.duration, sample=sample)
-                result = load.to_json()
-                result["generator_processes"] = procs
-                runs[f"workers_{count}"].setdefault(procs, []).append(result)
-                _line(log, f"workers {count} g{procs}", conc, rep, result)
-    by_procs = _summarise(runs)
-    best1 = by_procs["workers_1"]["capacity_rps"]
-    best2 = by_procs["workers_2"]["capacity_rps"]
-    return {
-        "method": (
-            f"extauthz serve --workers 1 and --workers 2, warm (repeated tokens), {conc} "
-            "requests in flight in total, spread evenly over every worker port (one channel "
-            "per worker per generator process), with 1..N generator processes: if throughput "
-            "rises with more generator processes the generator was the bottleneck; the figure "
-            "is the best median over generator counts. 'by_concurrency' keys here are "
-            "generator process counts."
-        ),
-        "scenarios": by_procs,
-        "workers2_vs_1": ratio(best2, best1),
-        "cores": os.cpu_count(),
-    }
+                _report(log, f"{scen.name} {label} rep {rep + 1}", run)
+                if not run["completed"]:
+                    raise RuntimeError(f"{scen.name}: nothing was allowed: {run['error_samples']}")
+                runs[scen.name].setdefault(label, []).append(run)
+    out: dict[str, Any] = {}
+    for name, by_load in runs.items():
+        rows: dict[str, Any] = {
+            label: {
+                key: statistics.median([r[key] for r in results])
+                for key in ("throughput_rps", "p50_us", "p99_us", "server_cpu_us_per_request")
+            }
+            | {"runs": results}
+            for label, results in by_load.items()
+        }
+        best = max(r["throughput_rps"] for r in rows.values())
+        out[name] = {"by_load": rows, "capacity_rps": best}
+    return out
 
 
-# --- resident memory ------------------------------------------------------------------------
-
-_MISS = re.compile(r'extauthz_cache_requests_total\{cache="subject",result="miss"\} ([0-9.e+]+)')
-
-
-def run_rss(gens: Generators, client: Client, serve: Serve, plan: Plan, log: Log) -> dict[str, Any]:
-    serve.wait_ready(timeout=300)
-    after_load = vm_status(serve.pid)
-    log(f"  rss: {serve.name} ready after {serve.ready_s}s, {after_load}")
-    procs = 2
-    per = math.ceil(plan.rss_tokens / procs)
-    specs = [client.spec("grpc", serve.grpc_targets, 16, "once", per) for _ in range(procs)]
-    started = time.monotonic()
-    load = gens.run(specs, warmup=0.0, duration=300.0)
-    filled_s = round(time.monotonic() - started, 2)
-    time.sleep(0.5)
-    after_fill = vm_status(serve.pid)
-    found = _MISS.search(serve.metrics())
-    misses = int(float(found.group(1))) if found else None
+def _report(log: Log, what: str, run: dict[str, Any]) -> None:
+    server = "+".join(f"{c:.2f}" for c in run["server_cpu_cores"].values())
+    generators = "+".join(f"{c:.2f}" for c in run["generator_cpu_cores"])
+    bad = run["denied"] + run["errors"]
     log(
-        f"  rss: sent {load.completed} distinct tokens ({load.denied + load.errors} not allowed) "
-        f"in {filled_s}s, cache misses {misses}: {after_fill}"
+        f"  {what:<24} {run['throughput_rps']:7.0f}/s p50 {run['p50_us'] or 0:6.0f}us "
+        f"{run['server_cpu_us_per_request']}us cpu/request; cores: server {server}, "
+        f"generators {generators}, other {run['other_cpu_cores']}"
+        + (f"  NOT ALLOWED: {bad} {run['error_samples']}" if bad else "")
     )
+
+
+def ratios(summary: dict[str, Any], pairs: dict[str, str], base: str = "floor") -> dict[str, Any]:
+    """Capacity ratios and, per load, the median of the per-repeat ratios (each pair measured
+    back to back)."""
+    out: dict[str, Any] = {}
+    for key, name in pairs.items():
+        out[key] = round(summary[name]["capacity_rps"] / summary[base]["capacity_rps"], 3)
+        out[key + "_by_load"] = {}
+        for label, row in summary[name]["by_load"].items():
+            pairs_run = zip(row["runs"], summary[base]["by_load"][label]["runs"], strict=True)
+            paired = [a["throughput_rps"] / b["throughput_rps"] for a, b in pairs_run]
+            out[key + "_by_load"][label] = round(statistics.median(paired), 3)
+    return out
+
+
+def direct(gens: Generators, client: dict[str, Any], floor: Floor, serve: Serve, plan: Plan,
+           log: Log) -> dict[str, Any]:  # fmt: skip
+    scenarios = [
+        Scenario("floor", "grpc", floor.grpc_targets, {"server": floor.pid}),
+        Scenario("warm", "grpc", serve.grpc_targets, {"server": serve.pid}),
+        Scenario("cold", "grpc", serve.grpc_targets, {"server": serve.pid}, fresh=True),
+    ]
+    loads = [(f"c={c}", c, plan.processes) for c in plan.direct_concurrency]
+    summary = compare(gens, client, scenarios, loads, plan, plan.repeats, log)
     return {
-        "method": (
-            "VmRSS/VmHWM from /proc/<pid>/status of an `extauthz serve` process (one worker) "
-            f"with a {serve.name} policy: after it reports ready, and after {plan.rss_tokens} "
-            "requests each carrying a distinct subject token (SubjectCache default size "
-            "10,000, so the cache ends full)."
-        ),
-        "rules": client.setup.rules,
-        "startup_to_ready_s": serve.ready_s,
-        "after_load_mb": after_load.get("VmRSS"),
-        "after_fill_mb": after_fill.get("VmRSS"),
-        "peak_mb": after_fill.get("VmHWM"),
-        "tokens_sent": load.completed,
-        "not_allowed": load.denied + load.errors,
-        "cache_misses": misses,
+        "scenarios": summary,
+        **ratios(summary, {"warm_vs_floor": "warm", "cold_vs_floor": "cold"}),
     }
+
+
+def envoy(gens: Generators, client: dict[str, Any], floor: Floor, serve: Serve, pki: Pki,
+          workdir: Path, plan: Plan, log: Log) -> dict[str, Any]:  # fmt: skip
+    envoys = [
+        BenchEnvoy("envoy-alone", pki, workdir, authz_ports=[floor.grpc_port], ext_authz=False),
+        BenchEnvoy("envoy-floor", pki, workdir, authz_ports=[floor.grpc_port]),
+        BenchEnvoy("envoy-serve", pki, workdir, authz_ports=[serve.grpc_port]),
+    ]
+    try:
+        for proxy in envoys:
+            proxy.start()
+        alone, to_floor, to_serve = ([str(e.listen_port)] for e in envoys)
+        via_serve = {"envoy": envoys[2].pid, "sidecar": serve.pid}
+        scenarios = [
+            Scenario("envoy_alone", "https", alone, {"envoy": envoys[0].pid}),
+            Scenario("floor", "https", to_floor, {"envoy": envoys[1].pid, "sidecar": floor.pid}),
+            Scenario("warm", "https", to_serve, via_serve),
+            Scenario("cold", "https", to_serve, via_serve, fresh=True),
+        ]
+        loads = [(f"c={c}", c, plan.processes) for c in plan.envoy_concurrency]
+        summary = compare(gens, client, scenarios, loads, plan, plan.repeats, log)
+    finally:
+        for proxy in envoys:
+            proxy.stop()
+    return {
+        "scenarios": summary,
+        **ratios(summary, {"warm_vs_floor": "warm", "cold_vs_floor": "cold"}),
+        **ratios(summary, {"floor_vs_envoy_alone": "floor"}, base="envoy_alone"),
+    }
+
+
+def workers(gens: Generators, client: dict[str, Any], one: Serve, two: Serve, plan: Plan,
+            log: Log) -> dict[str, Any]:  # fmt: skip
+    pids = children_of(two.pid)
+    if len(pids) != 2:
+        raise RuntimeError(f"--workers 2 runs {len(pids)} worker processes")
+    sample = {"supervisor": two.pid} | {f"worker{i}": p for i, p in enumerate(pids)}
+    scenarios = [
+        Scenario("workers_1", "grpc", one.grpc_targets, {"server": one.pid}),
+        Scenario("workers_2", "grpc", two.grpc_targets, sample),
+    ]
+    # at the highest direct concurrency; the generators' CPU shows whether they kept up
+    loads = [(f"c={c}", c, plan.processes) for c in plan.direct_concurrency[-1:]]
+    summary = compare(gens, client, scenarios, loads, plan, plan.repeats, log)
+    return {"scenarios": summary, **ratios(summary, {"workers2_vs_1": "workers_2"}, "workers_1")}
+
+
+def rss(
+    gens: Generators, client: dict[str, Any], serve: Serve, plan: Plan, log: Log
+) -> dict[str, Any]:
+    """Every distinct subject token allowed has been verified and cached: with 10,000 of them
+    the cache (10,000 entries) ends full."""
+    loaded = vm_status(serve.pid)
+    spec = {**client, "kind": "grpc", "targets": serve.grpc_targets, "concurrency": 16}
+    each = {"mode": "once", "pool": math.ceil(plan.rss_tokens / 2)}
+    run = gens.run([spec | each] * 2, warmup=0, duration=300)
+    time.sleep(0.5)
+    filled = vm_status(serve.pid)
+    log(f"  rss: loaded {loaded}, after {run['completed']} distinct tokens {filled}")
+    return {
+        "rules": serve.setup.rules,
+        "after_load_mb": loaded["VmRSS"],
+        "after_fill_mb": filled["VmRSS"],
+        "peak_mb": filled["VmHWM"],
+        "tokens_allowed": run["completed"],
+        "not_allowed": run["denied"] + run["errors"],
+    }
+
+
+def run_servers(parts: set[str], plan: Plan, workdir: Path, log: Log) -> dict[str, Any]:
+    """Every multi-process part asked for; each process is stopped on the way out."""
+    small = write_setup(workdir / "setup-10", 10)
+    pki = make_pki(workdir / "pki", {"client": small.target.workload})
+    client = client_spec(small, pki)
+    out: dict[str, Any] = {}
+    with Generators(max(plan.processes, 2)) as gens:  # rss uses two
+        if "rss" in parts:
+            log("rss: 10,000 rules, then 10,000 distinct subject tokens")
+            big = write_setup(workdir / "setup-10000", 10_000)
+            with Serve(big, workdir) as serve:
+                out["rss"] = rss(gens, client_spec(big, pki), serve, plan, log)
+        if not parts & {"direct", "envoy", "workers"}:
+            return out
+        with Floor(workdir) as floor, Serve(small, workdir) as serve:
+            if "direct" in parts:
+                log("direct gRPC: floor, warm, cold")
+                out["direct"] = direct(gens, client, floor, serve, plan, log)
+            if "workers" in parts:
+                log("workers: --workers 1 vs --workers 2")
+                with Serve(small, workdir, workers=2) as two:
+                    out["workers"] = workers(gens, client, serve, two, plan, log)
+            if "envoy" in parts:
+                log("through Envoy: alone, floor, warm, cold")
+                out["envoy"] = envoy(gens, client, floor, serve, pki, workdir, plan, log)
+    return out

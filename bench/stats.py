@@ -1,4 +1,4 @@
-"""Percentiles and summaries; plain Python, no numpy."""
+"""Percentiles of timing samples; plain Python, no numpy."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ from typing import Any
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) of already sorted values, nearest-rank."""
-    if not sorted_values:
-        return float("nan")
     rank = max(1, round(q / 100 * len(sorted_values) + 0.5 - 1e-9))
     return float(sorted_values[min(rank, len(sorted_values)) - 1])
 
 
 def summary_us(values_ns: Sequence[int]) -> dict[str, Any]:
-    """p50/p99/mean in microseconds from nanosecond samples."""
+    """Count, p50, p99, mean and max in microseconds from nanosecond samples."""
     ordered = sorted(values_ns)
     if not ordered:
         return {"n": 0, "p50_us": None, "p99_us": None, "mean_us": None, "max_us": None}
@@ -27,14 +25,3 @@ def summary_us(values_ns: Sequence[int]) -> dict[str, Any]:
         "mean_us": round(statistics.fmean(ordered) / 1000, 2),
         "max_us": round(ordered[-1] / 1000, 2),
     }
-
-
-def median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def ratio(numerator: float | None, denominator: float | None, digits: int = 3) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return round(numerator / denominator, digits)
