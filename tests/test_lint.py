@@ -7,15 +7,34 @@ that was edited, so a reviewer lands on the change that widened the blast radius
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import corekit as k
 import pytest
+from clikit import in_process
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
-from extauthz.tools.lint import CHECKS, ERROR, INFO, WARNING, Finding, lint_file, lint_text
+from extauthz.decision import paths
+from extauthz.decision.model import Policy, WorkloadPattern
+from extauthz.errors import PolicyError
+from extauthz.tools.lint import (
+    CHECKS,
+    ERROR,
+    INFO,
+    WARNING,
+    Finding,
+    lint_file,
+    lint_text,
+    rules_overlap,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "policy.yaml"
@@ -505,7 +524,10 @@ def test_broad_workload_patterns_are_flagged(pattern: str) -> None:
 # --- the command -----------------------------------------------------------------------------
 
 
-def lint(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def lint(*args: str | Path, real: bool = False) -> subprocess.CompletedProcess[str]:
+    """``policy lint ARGS``; ``real`` runs the installed entry point in a child process."""
+    if not real:
+        return in_process("policy", "lint", *args)
     return subprocess.run(
         [sys.executable, "-m", "extauthz", "policy", "lint", *map(str, args)],
         capture_output=True,
@@ -530,7 +552,7 @@ def test_cli_example_is_clean_with_strict() -> None:
 def test_cli_error_exits_1_and_prints_file_line(tmp_path: Path) -> None:
     text = edit(PROFILE_AUD, 'audience: "*"')
     path = write(tmp_path, text)
-    result = lint(path)
+    result = lint(path, real=True)
     assert result.returncode == 1, result.stdout + result.stderr
     line = line_of(text, 'audience: "*"')
     assert f"{path}:{line}: error[audience-not-single-system]" in result.stdout
@@ -604,3 +626,392 @@ def test_cli_json_clean_example() -> None:
 def test_one_namespace_pattern_is_not_broad() -> None:
     text = edit(ORDERS_WL, 'workloads: ["spiffe://cluster.local/ns/shop/sa/*"]')
     assert [f for f in lint_text(text) if f.check == "workloads-broad"] == []
+
+
+# --- compile problems under the check id of what they mean -------------------------------------
+
+READ_MATCH = """    match:
+      workloads: [spiffe://cluster.local/ns/shop/sa/orders]
+      host: profile.shop.svc.cluster.local
+      methods: [GET]
+      paths: ["/v1/customers/{id}"]
+      issuers: [corp-idp]
+"""
+CORP_ISSUER = "issuer: https://idp.example.com"
+EXCHANGE_ISSUER = "  issuer: https://exchange.shop.svc        # the `iss` of every token we mint\n"
+
+
+@dataclass(frozen=True)
+class Recoded:
+    """A compile problem that was reported under another check id than what it means."""
+
+    name: str
+    text: str
+    field: str
+    message: str  # a fragment of the problem's message
+    check: str
+    old: str  # the id it used to carry, looked up from the field alone
+
+
+RECODED = [
+    Recoded(
+        "issuer-listed-twice",
+        edit(
+            "\nworkloads:",
+            "\n" + PARTNER_ISSUER.replace("https://partner.example.com", "https://idp.example.com"),
+        ),
+        "issuer",
+        "is listed twice",
+        "invalid-policy",
+        "issuer-broad",
+    ),
+    Recoded(
+        "issuer-is-the-exchange",
+        edit(CORP_ISSUER, "issuer: https://exchange.shop.svc"),
+        "issuer",
+        "the exchange's own issuer",
+        "invalid-policy",
+        "issuer-broad",
+    ),
+    Recoded(
+        "issuer-not-a-string",
+        edit(CORP_ISSUER, "issuer: [https://idp.example.com]"),
+        "issuer",
+        "must be a non-empty string",
+        "invalid-policy",
+        "issuer-broad",
+    ),
+    Recoded(
+        "algorithm-unknown",
+        edit("algorithms: [ES256]", "algorithms: [ES256K]"),
+        "algorithms",
+        "'ES256K' is not accepted",
+        "invalid-policy",
+        "issuer-algorithm-weak",
+    ),
+    Recoded(
+        "algorithm-listed-twice",
+        edit("algorithms: [ES256]", "algorithms: [ES256, ES256]"),
+        "algorithms",
+        "lists a value twice",
+        "invalid-policy",
+        "issuer-algorithm-weak",
+    ),
+    Recoded(
+        "issuer-audiences-not-a-list",
+        edit("audiences: [https://shop.example.com]", "audiences: https://shop.example.com"),
+        "audiences",
+        "must be a non-empty list of strings",
+        "invalid-policy",
+        "issuer-audiences-missing",
+    ),
+    Recoded(
+        "equally-specific-patterns",
+        edit(ORDERS_WL, 'workloads: ["spiffe://cluster.local/ns/*/sa/orders"]')
+        + OWN_PROFILE_RULE.replace("PATH", '"/v1/customers/{id}"').replace(
+            ORDERS_WL, 'workloads: ["spiffe://cluster.local/ns/shop/sa/*"]'
+        ),
+        "match.workloads",
+        "equally specific",
+        "rules-ambiguous",
+        "workload-invalid",
+    ),
+    Recoded(
+        "match-not-a-mapping",
+        edit(READ_MATCH, "    match: [GET]\n"),
+        "match",
+        "must be a mapping",
+        "invalid-policy",
+        "rules-ambiguous",
+    ),
+    Recoded(
+        "workloads-not-a-list",
+        edit(ORDERS_WL, "workloads: spiffe://cluster.local/ns/shop/sa/orders"),
+        "match.workloads",
+        "must be a non-empty list of strings",
+        "invalid-policy",
+        "workload-invalid",
+    ),
+    Recoded(
+        "exchange-issuer-missing",
+        edit(EXCHANGE_ISSUER, ""),
+        "exchange.issuer",
+        "is required",
+        "invalid-policy",
+        "issuer-not-https",
+    ),
+    Recoded(
+        "max-ttl-not-a-duration",
+        edit("maxTtl: 300s", "maxTtl: forever"),
+        "exchange.maxTtl",
+        "must be a positive duration",
+        "invalid-policy",
+        "ttl-not-capped",
+    ),
+    Recoded(
+        "ttl-not-a-duration",
+        edit("ttl: 30s", "ttl: 1d"),
+        "grant.ttl",
+        "must be a positive duration",
+        "invalid-policy",
+        "ttl-not-capped",
+    ),
+    Recoded(
+        "audience-a-number",
+        edit(PROFILE_AUD, "audience: 42"),
+        "grant.audience",
+        "must be a non-empty string",
+        "invalid-policy",
+        "audience-not-single-system",
+    ),
+    Recoded(
+        "grant-scope-listed-twice",
+        edit(READ_GRANT_SCOPES, "scopes: [profile.read, profile.read]\n      ttl"),
+        "grant.scopes",
+        "lists a value twice",
+        "invalid-policy",
+        "scope-not-deterministic",
+    ),
+    Recoded(
+        "grant-scope-not-a-token",
+        edit(READ_GRANT_SCOPES, 'scopes: ["profile\\\\read"]\n      ttl'),
+        "grant.scopes",
+        "is not a valid scope token",
+        "invalid-policy",
+        "scope-not-deterministic",
+    ),
+    Recoded(
+        "require-scopes-empty",
+        edit("require: {scopes: [profile.read]}", "require: {scopes: []}"),
+        "require.scopes",
+        "must be a non-empty list of strings",
+        "invalid-policy",
+        "scope-not-deterministic",
+    ),
+    Recoded(
+        "purpose-not-a-string",
+        edit(READ_PURPOSE, "purpose: [orders, profile, page]"),
+        "purpose",
+        "must be a non-empty string",
+        "invalid-policy",
+        "purpose-missing",
+    ),
+    Recoded(
+        "unknown-field-named-purpose",
+        edit("    algorithms: [ES256]\n", "    algorithms: [ES256]\n    purpose: sign-in\n"),
+        "purpose",
+        "unknown field",
+        "invalid-policy",
+        "purpose-missing",
+    ),
+    Recoded(
+        "unknown-field-named-audiences",
+        edit("  maxTtl: 300s", "  audiences: [x]\n  maxTtl: 300s"),
+        "audiences",
+        "unknown field",
+        "invalid-policy",
+        "issuer-audiences-missing",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", RECODED, ids=[c.name for c in RECODED])
+def test_compile_problems_carry_the_check_id_of_what_they_mean(case: Recoded) -> None:
+    """A duplicate issuer is not a broad one, a typo in an algorithm is not a weak one: the id
+    is chosen where the problem is found, not looked up from the field afterwards."""
+    found = [
+        f
+        for f in lint_text(case.text, source="policy.yaml")
+        if f.field == case.field and case.message in f.message
+    ]
+    assert found, lint_text(case.text, source="policy.yaml")
+    assert {f.check for f in found} == {case.check}, found
+    assert case.check != case.old
+    assert all(f.severity == ERROR and f.hint for f in found)
+
+
+@pytest.mark.parametrize(
+    ("edited", "new", "check"),
+    [
+        ("algorithms: [ES256]", "algorithms: [hs512]", "issuer-algorithm-weak"),
+        ("algorithms: [ES256]", "algorithms: [NONE]", "issuer-algorithm-weak"),
+        ("audiences: [https://shop.example.com]", "audiences: []", "issuer-audiences-missing"),
+        (PROFILE_AUD, "audience: [a, b]", "audience-not-single-system"),
+        (PROFILE_AUD, 'audience: ""', "audience-not-single-system"),
+        ("      ttl: 30s\n", "", "ttl-not-capped"),
+        (READ_PURPOSE, 'purpose: " "', "purpose-missing"),
+    ],
+)
+def test_compile_problems_that_are_the_risk_keep_its_check_id(
+    edited: str, new: str, check: str
+) -> None:
+    """An HMAC or 'none' algorithm however spelt, no audiences, several or no grant audience,
+    no ttl, a blank purpose: the problem is the risk the check names."""
+    # the issuer's rules then name an unknown issuer: that is another problem
+    errors = [f for f in lint_text(edit(edited, new)) if f.field != "match.issuers"]
+    assert [(f.severity, f.check) for f in errors] == [(ERROR, check)], errors
+
+
+# --- overlaps come from the compiled table -------------------------------------------------------
+
+OTHER_ISSUER = {
+    "id": "other",
+    "issuer": "https://other.example.com",
+    "jwks": {"file": "o.json"},
+    "audiences": ["x"],
+    "algorithms": ["ES256"],
+}
+
+
+def overlap_pairs(policy: Policy) -> list[tuple[str | None, str]]:
+    """(later rule, earlier rule) of every rules-overlap finding, in the order lint gives."""
+    out = []
+    for finding in rules_overlap(policy, None):
+        named = re.match(r"overlaps rule '([^']+)'", finding.message)
+        assert named is not None and finding.severity == WARNING and finding.field == "match"
+        out.append((finding.rule, named.group(1)))
+    return out
+
+
+def two_rules(**other: Any) -> Policy:
+    doc = k.policy_doc(
+        [k.rule_doc("a"), k.rule_doc("b", **other)],
+        issuers=[k.policy_doc()["trustedIssuers"][0], OTHER_ISSUER],
+    )
+    return k.compile_doc(doc)
+
+
+@pytest.mark.parametrize(
+    ("other", "overlaps"),
+    [
+        ({"paths": ["/v1/customers/me"]}, True),  # a literal against {id}
+        ({"paths": ["/v1/customers/**"]}, True),  # {id} against a ** rest
+        ({"paths": ["/v1/**"]}, True),
+        ({"paths": ["/**"]}, True),
+        ({"paths": ["/v1/{kind}/{id}"]}, True),  # {param} against a literal, deeper
+        ({"paths": ["/v1/customers/{id}/x"]}, False),
+        ({"paths": ["/v1/customers/"]}, False),  # {id} never matches an empty segment
+        ({"paths": ["/v1/customers/**"], "methods": ["POST"]}, False),
+        ({"paths": ["/v1/customers/**"], "host": "other.svc"}, False),
+        ({"paths": ["/v1/customers/**"], "issuers": ["other"]}, False),
+        ({"paths": ["/v1/customers/**"], "issuers": ["other"], "reexchange": True}, False),
+        ({"workloads": ["spiffe://cluster.local/ns/shop/sa/*"]}, True),  # exact against pattern
+        ({"workloads": ["spiffe://cluster.local/ns/other/sa/*"]}, False),
+        ({"paths": ["/v1/**"], "workloads": [k.CHECKOUT]}, False),
+    ],
+)
+def test_overlap_shapes(other: dict[str, Any], overlaps: bool) -> None:
+    """Paths, callers, methods, host and issuer must all have something in common."""
+    assert overlap_pairs(two_rules(**other)) == ([("b", "a")] if overlaps else [])
+
+
+def test_reexchange_rules_overlap_through_the_exchange_issuer() -> None:
+    doc = k.policy_doc(
+        [
+            k.rule_doc("a", reexchange=True),
+            k.rule_doc("b", issuers=["other"], paths=["/v1/**"], reexchange=True),
+        ],
+        issuers=[k.policy_doc()["trustedIssuers"][0], OTHER_ISSUER],
+    )
+    assert overlap_pairs(k.compile_doc(doc)) == [("b", "a")]
+
+
+# A small universe in which every overlap has a witness among the probes below: templates at
+# most three segments deep over the literals "a", "b" and "c"; caller patterns at most four parts.
+TEMPLATES = (
+    "/", "/**", "/a", "/a/", "/a/**", "/a/{id}", "/{x}", "/{x}/b", "/a/b", "/a/{id}/**",
+    "/{x}/**", "/a/b/c", "/{x}/{y}", "/a/b/**", "/b", "/{x}/",
+)  # fmt: skip
+CALLERS = (
+    "spiffe://cluster.local/ns/shop/sa/orders",
+    "spiffe://cluster.local/ns/shop/sa/zz",
+    "spiffe://cluster.local/ns/shop/sa/*",
+    "spiffe://cluster.local/ns/shop/**",
+    "spiffe://cluster.local/ns/*/sa/orders",
+    "spiffe://cluster.local/ns/*/**",
+    "spiffe://cluster.local/*/shop/**",
+    "spiffe://cluster.local/ns/*/sa/*",
+    "spiffe://cluster.local/**",
+    "spiffe://cluster.local/ns/zz/sa/*",
+)
+PROBE_PATHS = [
+    *(segs for n in (1, 2, 3) for segs in itertools.product(("a", "b", "c", "zz"), repeat=n)),
+    *(
+        (*segs, "")
+        for n in (0, 1, 2)
+        for segs in itertools.product(("a", "b", "c", "zz"), repeat=n)
+    ),
+]
+PROBE_CALLERS = [
+    "spiffe://cluster.local/" + "/".join(parts)
+    for n in (1, 2, 3, 4)
+    for parts in itertools.product(("ns", "shop", "sa", "orders", "zz"), repeat=n)
+]
+
+
+def _oracle(rules: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The pairs lint should report, by brute force: a probe path both rules' templates match
+    and a probe caller both rules' workloads match, with a method and an issuer in common."""
+
+    def reach(rule: dict[str, Any]) -> tuple[set[int], set[int], set[str]]:
+        templates = [paths.parse_template(t) for t in rule["match"]["paths"]]
+        matched = {
+            i
+            for i, segs in enumerate(PROBE_PATHS)
+            if any(paths.template_matches(t, segs) for t in templates)
+        }
+        callers = {
+            i
+            for i, caller in enumerate(PROBE_CALLERS)
+            for w in rule["match"]["workloads"]
+            if (WorkloadPattern.parse(w).matches(caller) if "*" in w else w == caller)
+        }
+        issuers = set(rule["match"]["issuers"]) | ({"exchange"} if rule["reexchange"] else set())
+        return matched, callers, issuers
+
+    hosts: dict[str, list[dict[str, Any]]] = {}
+    for rule in rules:
+        hosts.setdefault(rule["match"]["host"], []).append(rule)
+    out = []
+    for group in hosts.values():
+        for x, y in itertools.combinations(group, 2):
+            (xp, xc, xi), (yp, yc, yi) = reach(x), reach(y)
+            methods = set(x["match"]["methods"]) & set(y["match"]["methods"])
+            if methods and xi & yi and xp & yp and xc & yc:
+                out.append((y["id"], x["id"]))
+    return out
+
+
+@st.composite
+def overlapping_policies(draw: st.DrawFn) -> list[dict[str, Any]]:
+    def some(options: tuple[str, ...] | list[str], most: int) -> list[str]:
+        return draw(st.lists(st.sampled_from(options), min_size=1, max_size=most, unique=True))
+
+    return [
+        k.rule_doc(
+            f"r{i}",
+            host=draw(st.sampled_from(("h1.svc", "h2.svc"))),
+            methods=some(("GET", "POST"), 2),
+            paths=some(TEMPLATES, 2),
+            workloads=some(CALLERS, 2),
+            issuers=some(("corp-idp", "other"), 2),
+            reexchange=draw(st.booleans()),
+        )
+        for i in range(draw(st.integers(min_value=2, max_value=6)))
+    ]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(overlapping_policies())
+def test_table_overlaps_match_a_brute_force_oracle(rules: list[dict[str, Any]]) -> None:
+    """Walking the compiled trie finds exactly the pairs a pairwise brute force finds, in rule
+    order host by host."""
+    doc = k.policy_doc(rules, issuers=[k.policy_doc()["trustedIssuers"][0], OTHER_ISSUER])
+    try:
+        policy = k.compile_fast(doc)
+    except PolicyError:
+        event("ambiguous: refused by the compiler")
+        return
+    expected = _oracle(rules)
+    event("overlaps" if expected else "disjoint")
+    assert overlap_pairs(policy) == expected

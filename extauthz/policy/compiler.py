@@ -1,14 +1,22 @@
 """The policy document: load it, check every field, compile it into a lookup table.
 
 ``compile_policy(text, source)`` is pure (text in, ``Policy`` out) and reports every problem at
-once in one ``PolicyError``. ``load_policy(path)`` adds the file read. A ``Policy`` is immutable;
-replacing one is the caller's business (and only with one that compiled).
+once in one ``PolicyError``. ``load_policy(path)`` adds the file read. ``parse_document`` and
+``compile_document`` are the two halves of ``compile_policy``, for tools that read the document
+themselves too (lint). A ``Policy`` is immutable; replacing one is the caller's business (and
+only with one that compiled).
+
+Each section of the document has its own small parser, handed a ``_Scope``: the entry being
+checked and its YAML mapping. A problem is reported where it is found, with the lint check id
+that says what it means (``invalid-policy`` unless it is one of the risks lint names).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,15 +40,39 @@ from extauthz.errors import PolicyError, Problem
 from extauthz.policy import yamlsrc
 from extauthz.policy.table import build_table
 
+__all__ = [
+    "API_VERSION",
+    "DEFAULT_JWKS_REFRESH",
+    "DEFAULT_JWKS_TIMEOUT",
+    "DEFAULT_LEEWAY",
+    "DEFAULT_MAX_TOKEN_BYTES",
+    "DEFAULT_MAX_TTL",
+    "DEFAULT_STRIP_HEADERS",
+    "HARD_MAX_TTL",
+    "KIND",
+    "MAX_POLICY_BYTES",
+    "METHODS",
+    "TOKEN_TYPES",
+    "canonical_spiffe",
+    "compile_document",
+    "compile_policy",
+    "load_policy",
+    "parse_document",
+    "parse_duration",
+]
+
+# What a document must declare itself as, and the largest one read.
 API_VERSION = "extauthz/v1"
 KIND = "ExchangePolicy"
 MAX_POLICY_BYTES = 4 * 1024 * 1024
+# Defaults of the optional exchange and JWKS fields, in seconds (bytes for the token size).
 DEFAULT_MAX_TTL = 300
 DEFAULT_LEEWAY = 30
 DEFAULT_MAX_TOKEN_BYTES = 8192
 DEFAULT_JWKS_REFRESH = 300
 DEFAULT_JWKS_TIMEOUT = 5
 HARD_MAX_TTL = 3600  # a minted token never lives longer than this, whatever a policy says
+# The methods a rule may name, and each token type's JWT typ and the header it goes in.
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -64,23 +96,21 @@ _HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
 _DURATION = re.compile(r"(-?)(\d+)(s|m|h)")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
 
-
-# Compile problems that are also lint findings, by the field they concern: the policy linter
-# reports them under these check ids.
-PROBLEM_CODES = {
-    "grant.audience": "audience-not-single-system",
-    "grant.ttl": "ttl-not-capped",
-    "exchange.maxTtl": "ttl-not-capped",
-    "grant.scopes": "scope-not-deterministic",
-    "require.scopes": "scope-not-deterministic",
-    "algorithms": "issuer-algorithm-weak",
-    "issuer": "issuer-broad",
-    "exchange.issuer": "issuer-not-https",
-    "audiences": "issuer-audiences-missing",
-    "purpose": "purpose-missing",
-    "match.workloads": "workload-invalid",
-    "match": "rules-ambiguous",
-}
+# The lint check ids a compile problem can carry (``tools.lint`` has a hint for each). A
+# problem takes a risk's id only when it is that risk; wrong types, malformed values, unknown
+# names and duplicates are invalid-policy. (An absent value takes the risk's id where being
+# absent is that risk: no purpose, no issuer audiences, no grant audience or ttl.)
+_INVALID = "invalid-policy"
+_AUDIENCE = "audience-not-single-system"
+_TTL = "ttl-not-capped"
+_SCOPES = "scope-not-deterministic"
+_WEAK_ALGORITHM = "issuer-algorithm-weak"
+_ISSUER_BROAD = "issuer-broad"
+_NOT_HTTPS = "issuer-not-https"
+_AUDIENCES_MISSING = "issuer-audiences-missing"
+_PURPOSE = "purpose-missing"
+_WORKLOAD = "workload-invalid"
+_AMBIGUOUS = "rules-ambiguous"
 
 
 # --- reading the document ----------------------------------------------------------------------
@@ -104,8 +134,16 @@ def load_policy(path: Path) -> Policy:
 
 
 def compile_policy(text: str, *, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
+    """Parse and compile a policy document; every problem found is in the one ``PolicyError``."""
+    doc = parse_document(text, source=source)
+    return compile_document(doc, text, source=source, base_dir=base_dir)
+
+
+def parse_document(text: str, *, source: str = "<policy>") -> Any:
+    """The YAML document of ``text``: mappings are ``yamlsrc.Located`` (they know their lines).
+    Raises ``PolicyError`` for text that is not YAML, or has a key twice."""
     try:
-        doc = yamlsrc.load(text)
+        return yamlsrc.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -116,543 +154,572 @@ def compile_policy(text: str, *, source: str = "<policy>", base_dir: Path | None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
         # PyYAML's constructors raise these on values like "0x_", "2020-13-45" or "!!bool x".
         raise PolicyError([Problem(source, "", "", f"not valid YAML: {exc}")]) from exc
-    checker = _Checker(source)
-    policy = checker.document(doc, text, base_dir or Path("."))
-    if checker.problems or policy is None:
-        raise PolicyError(checker.problems or [Problem(source, "", "", "empty policy")])
+
+
+def compile_document(
+    doc: Any, text: str, *, source: str = "<policy>", base_dir: Path | None = None
+) -> Policy:
+    """Compile a document ``parse_document`` returned for ``text`` (the text gives the digest)."""
+    report = _Report(source)
+    policy = _document(_Scope.top(report, doc), text, base_dir or Path("."))
+    if report.problems or policy is None:
+        raise PolicyError(report.problems or [Problem(source, "", "", "empty policy")])
     return policy
 
 
-class _Checker:
-    """Walks the document, collecting every problem instead of stopping at the first."""
+# --- the reporter --------------------------------------------------------------------------------
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[Problem] = []
 
-    def fail(
-        self,
-        where: str,
-        fieldpath: str,
-        message: str,
-        node: Any = None,
-        key: str = "",
-        line: int | None = None,
-    ) -> None:
-        if isinstance(node, yamlsrc.Located):
-            line = node.line_of(key) if key else node.line
-        code = PROBLEM_CODES.get(fieldpath, "invalid-policy")
-        self.problems.append(Problem(self.source, where, fieldpath, message, line, code))
+@dataclass(slots=True)
+class _Report:
+    """Every problem found so far, in the order found: nothing stops at the first."""
 
-    # -- small typed getters; each reports and returns a safe fallback on a bad value --
+    source: str
+    problems: list[Problem] = field(default_factory=list)
 
-    def mapping(self, node: Any, key: str, where: str, prefix: str, required: bool) -> Any:
-        value = node.get(key) if isinstance(node, dict) else None
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """One mapping being checked: the entry it belongs to (``where``, "rules[2] (orders-read)"),
+    its dotted path inside that entry (``prefix``, "grant."), and the YAML node itself, whose
+    key lines locate each problem. The getters report a bad value and return None (or the
+    default) so the caller carries on and finds the next problem too."""
+
+    report: _Report
+    where: str
+    prefix: str
+    node: Any  # the raw YAML value: a mapping when the document is well formed
+    line: int | None  # of the mapping, or of the key that holds this entry when it is not one
+
+    @classmethod
+    def top(cls, report: _Report, doc: Any) -> _Scope:
+        """The document itself."""
+        return cls(report, "", "", doc, _node_line(doc, None))
+
+    def entry(self, where: str, node: Any, key: str) -> _Scope:
+        """A new entry (a list item under ``key``, or a section), with paths starting afresh."""
+        return _Scope(self.report, where, "", node, _node_line(node, self.line_of(key)))
+
+    def child(self, key: str, node: Any) -> _Scope:
+        """The mapping under ``key`` (as ``mapping`` returned it: None when absent or bad)."""
+        return _Scope(self.report, self.where, f"{self.prefix}{key}.", node, _node_line(node, None))
+
+    def section(self, where: str, prefix: str = "") -> _Scope:
+        """This mapping as an entry of its own: its problems are reported under ``where``, its
+        fields under ``prefix``."""
+        return _Scope(self.report, where, prefix, self.node, self.line)
+
+    def line_of(self, key: str) -> int | None:
+        """The line of ``key`` in this mapping, else of the mapping."""
+        if key and isinstance(self.node, yamlsrc.Located):
+            return self.node.line_of(key)
+        return self.line
+
+    def fail(self, key: str, message: str, *, code: str = _INVALID) -> None:
+        """Report a problem with the field ``key`` ("" for the mapping as a whole)."""
+        fieldpath = self.prefix + key if key else self.prefix.removesuffix(".")
+        self.report.problems.append(
+            Problem(self.report.source, self.where, fieldpath, message, self.line_of(key), code)
+        )
+
+    def count(self) -> int:
+        """How many problems the whole document has so far (to tell if an entry added any)."""
+        return len(self.report.problems)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The raw value of ``key``, if this is a mapping."""
+        return self.node.get(key, default) if isinstance(self.node, dict) else default
+
+    def has(self, key: str) -> bool:
+        """Whether this is a mapping with ``key``."""
+        return isinstance(self.node, dict) and key in self.node
+
+    # -- typed getters --
+
+    def fields(self, allowed: Collection[str]) -> None:
+        """Every key of this mapping must be one of ``allowed``: a misspelt restriction must not
+        be silently ignored."""
+        if not isinstance(self.node, dict):
+            return
+        hint = ", ".join(sorted(allowed))
+        for key in self.node:
+            if key not in allowed:
+                self.fail(key, f"unknown field (expected one of: {hint})")
+
+    def mapping(self, key: str, *, required: bool) -> _Scope:
+        """The child scope of the mapping under ``key`` (its node None when absent or bad)."""
+        value = self.get(key)
         if value is None:
             if required:
-                self.fail(where, prefix + key, "is required", node, key)
-            return None
+                self.fail(key, "is required")
+            return self.child(key, None)
         if not isinstance(value, dict):
-            self.fail(where, prefix + key, "must be a mapping", node, key)
-            return None
-        return value
-
-    def fields(self, node: Any, allowed: set[str], where: str, prefix: str) -> None:
-        if not isinstance(node, dict):
-            return
-        for key in node:
-            if key not in allowed:
-                hint = ", ".join(sorted(allowed))
-                self.fail(
-                    where, prefix + key, f"unknown field (expected one of: {hint})", node, key
-                )
+            self.fail(key, "must be a mapping")
+            return self.child(key, None)
+        return self.child(key, value)
 
     def string(
-        self, node: Any, key: str, where: str, prefix: str, required: bool = True
+        self, key: str, *, required: bool = True, missing: str = _INVALID, invalid: str = _INVALID
     ) -> str | None:
-        value = node.get(key) if isinstance(node, dict) else None
+        """A non-empty string. ``missing`` is the check id when it is absent or blank,
+        ``invalid`` when it is not a string."""
+        value = self.get(key)
         if value is None:
             if required:
-                self.fail(where, prefix + key, "is required", node, key)
+                self.fail(key, "is required", code=missing)
             return None
         if not isinstance(value, str) or not value.strip():
-            self.fail(where, prefix + key, "must be a non-empty string", node, key)
+            code = missing if isinstance(value, str) else invalid
+            self.fail(key, "must be a non-empty string", code=code)
             return None
         return value
 
     def strings(
-        self, node: Any, key: str, where: str, prefix: str, required: bool = True
+        self, key: str, *, required: bool = True, missing: str = _INVALID
     ) -> list[str] | None:
-        value = node.get(key) if isinstance(node, dict) else None
+        """A non-empty list of distinct non-empty strings. ``missing`` is the check id when it is
+        absent or empty."""
+        value = self.get(key)
         if value is None:
             if required:
-                self.fail(where, prefix + key, "is required", node, key)
+                self.fail(key, "is required", code=missing)
             return None
         if (
             not isinstance(value, list)
             or not value
             or not all(isinstance(v, str) and v for v in value)
         ):
-            self.fail(where, prefix + key, "must be a non-empty list of strings", node, key)
+            code = missing if value == [] else _INVALID
+            self.fail(key, "must be a non-empty list of strings", code=code)
             return None
         if len(set(value)) != len(value):
-            self.fail(where, prefix + key, "lists a value twice", node, key)
+            self.fail(key, "lists a value twice")
         return list(value)
 
-    def duration(
-        self, node: Any, key: str, where: str, prefix: str, default: int | None
-    ) -> int | None:
-        value = node.get(key) if isinstance(node, dict) else None
+    def duration(self, key: str, default: int | None, *, missing: str = _INVALID) -> int | None:
+        """A positive duration in seconds; ``default`` when absent (None: it is required, and
+        ``missing`` is the check id then)."""
+        value = self.get(key)
         if value is None:
             if default is None:
-                self.fail(where, prefix + key, "is required", node, key)
+                self.fail(key, "is required", code=missing)
             return default
         seconds = parse_duration(value)
         if seconds is None or seconds <= 0:
-            self.fail(
-                where, prefix + key, "must be a positive duration like 30s, 5m or 1h", node, key
-            )
+            self.fail(key, "must be a positive duration like 30s, 5m or 1h")
             return None
         return seconds
 
-    # -- the document --
 
-    def document(self, doc: Any, text: str, base_dir: Path) -> Policy | None:
-        if not isinstance(doc, dict):
-            self.fail("", "", "the document must be a mapping")
-            return None
-        self.fields(
-            doc,
-            {
-                "apiVersion",
-                "kind",
-                "mode",
-                "exchange",
-                "trustedIssuers",
-                "workloads",
-                "rules",
-                "default",
-            },
-            "",
-            "",
+def _node_line(node: Any, fallback: int | None) -> int | None:
+    return node.line if isinstance(node, yamlsrc.Located) else fallback
+
+
+# --- the sections ------------------------------------------------------------------------------
+
+
+def _document(top: _Scope, text: str, base_dir: Path) -> Policy | None:
+    if not isinstance(top.node, dict):
+        top.fail("", "the document must be a mapping")
+        return None
+    top.fields(
+        (
+            "apiVersion",
+            "kind",
+            "mode",
+            "exchange",
+            "trustedIssuers",
+            "workloads",
+            "rules",
+            "default",
         )
-        if doc.get("apiVersion") != API_VERSION:
-            self.fail("", "apiVersion", f"must be {API_VERSION!r}", doc, "apiVersion")
-        if doc.get("kind") != KIND:
-            self.fail("", "kind", f"must be {KIND!r}", doc, "kind")
-        mode = doc.get("mode", "enforce")
-        if mode not in ("enforce", "shadow"):
-            self.fail("", "mode", "must be enforce or shadow", doc, "mode")
-        if doc.get("default", "deny") != "deny":
-            self.fail("", "default", "must be 'deny' (there is no default allow)", doc, "default")
-        exchange = self.exchange(self.mapping(doc, "exchange", "", "", required=True))
-        issuers = self.issuers(doc.get("trustedIssuers"), doc, base_dir, exchange)
-        trust_domains, hops = self.workloads(self.mapping(doc, "workloads", "", "", required=True))
-        rules = self.rules(doc.get("rules"), doc, issuers, trust_domains, exchange)
-        # The table is built even when other problems were found, from the rules that are
-        # valid on their own, so overlaps are reported together with everything else.
-        table, overlaps = build_table(rules)
-        for overlap in overlaps:
-            self.fail(
+    )
+    if top.get("apiVersion") != API_VERSION:
+        top.fail("apiVersion", f"must be {API_VERSION!r}")
+    if top.get("kind") != KIND:
+        top.fail("kind", f"must be {KIND!r}")
+    mode = top.get("mode", "enforce")
+    if mode not in ("enforce", "shadow"):
+        top.fail("mode", "must be enforce or shadow")
+    if top.get("default", "deny") != "deny":
+        top.fail("default", "must be 'deny' (there is no default allow)")
+    exchange = _exchange(top.mapping("exchange", required=True))
+    issuers = _issuers(top, base_dir, exchange)
+    trust_domains, hops = _workloads(top.mapping("workloads", required=True))
+    rules = _rules(top, {i.id for i in issuers}, trust_domains, exchange)
+    # The table is built even when other problems were found, from the rules that are valid
+    # on their own, so overlaps are reported together with everything else.
+    table, overlaps = build_table(rules)
+    for overlap in overlaps:
+        top.report.problems.append(
+            Problem(
+                top.report.source,
                 f"rules ({overlap.rule.id})",
                 overlap.field,
                 overlap.message,
-                line=overlap.rule.line_of(overlap.field),
+                overlap.rule.line_of(overlap.field),
+                _AMBIGUOUS,
             )
-        if exchange is None or self.problems:
-            return None
-        return Policy(
-            source=self.source,
-            digest=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            exchange=exchange,
-            issuers={i.id: i for i in issuers},
-            issuers_by_iss={i.issuer: i for i in issuers},
-            trust_domains=frozenset(trust_domains),
-            xfcc_trusted_hops=frozenset(hops),
-            rules=tuple(rules),
-            table=table,
-            shadow=mode == "shadow",
         )
+    if exchange is None or top.report.problems:
+        return None
+    return Policy(
+        source=top.report.source,
+        digest=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        exchange=exchange,
+        issuers={i.id: i for i in issuers},
+        issuers_by_iss={i.issuer: i for i in issuers},
+        trust_domains=frozenset(trust_domains),
+        xfcc_trusted_hops=frozenset(hops),
+        rules=tuple(rules),
+        table=table,
+        shadow=mode == "shadow",
+    )
 
-    def exchange(self, node: Any) -> Exchange | None:
-        if node is None:
-            return None
-        w, p = "exchange", "exchange."
-        self.fields(
-            node,
-            {"issuer", "tokenType", "maxTtl", "leeway", "maxTokenBytes", "stripHeaders"},
-            w,
-            "",
-        )
-        issuer = self.string(node, "issuer", w, p)
-        if issuer is not None and not issuer.startswith("https://"):
-            self.fail(w, p + "issuer", "must be an https:// URL", node, "issuer")
-        token_type = node.get("tokenType", "access_token")
-        if token_type not in TOKEN_TYPES:
-            self.fail(
-                w, p + "tokenType", "must be access_token or transaction_token", node, "tokenType"
-            )
-            token_type = "access_token"
-        max_ttl = self.duration(node, "maxTtl", w, p, DEFAULT_MAX_TTL)
-        if max_ttl is not None and max_ttl > HARD_MAX_TTL:
-            self.fail(w, p + "maxTtl", f"must be at most {HARD_MAX_TTL}s", node, "maxTtl")
-        leeway = self.duration(node, "leeway", w, p, DEFAULT_LEEWAY)
-        if leeway is not None and leeway > 300:
-            self.fail(w, p + "leeway", "must be at most 300s", node, "leeway")
-        max_bytes = node.get("maxTokenBytes", DEFAULT_MAX_TOKEN_BYTES)
-        if (
-            not isinstance(max_bytes, int)
-            or isinstance(max_bytes, bool)
-            or not 256 <= max_bytes <= 65536
-        ):
-            self.fail(
-                w,
-                p + "maxTokenBytes",
-                "must be an integer from 256 to 65536",
-                node,
-                "maxTokenBytes",
-            )
-        extra = node.get("stripHeaders", [])
-        if not isinstance(extra, list) or not all(
-            isinstance(h, str) and _HEADER.fullmatch(h) for h in extra
-        ):
-            self.fail(
-                w,
-                p + "stripHeaders",
-                "must be a list of lower-case header names",
-                node,
-                "stripHeaders",
-            )
-            extra = []
-        typ, header = TOKEN_TYPES[token_type]
-        strip = tuple(dict.fromkeys([*DEFAULT_STRIP_HEADERS, *extra]))
-        if issuer is None or max_ttl is None or leeway is None or not isinstance(max_bytes, int):
-            return None
-        return Exchange(
-            issuer=issuer,
-            token_type=token_type,
-            typ=typ,
-            header=header,
-            max_ttl=max_ttl,
-            leeway=leeway,
-            max_token_bytes=max_bytes,
-            strip_headers=tuple(h for h in strip if h != header),
-        )
 
-    def issuers(
-        self, nodes: Any, doc: Any, base_dir: Path, exchange: Exchange | None
-    ) -> list[TrustedIssuer]:
-        if not isinstance(nodes, list) or not nodes:
-            self.fail("", "trustedIssuers", "must be a non-empty list", doc, "trustedIssuers")
-            return []
-        out: list[TrustedIssuer] = []
-        seen_ids: set[str] = set()
-        seen_iss: set[str] = set()
-        for index, node in enumerate(nodes):
-            ident = node.get("id") if isinstance(node, dict) else None
-            w = f"trustedIssuers[{index}]" + (f" ({ident})" if isinstance(ident, str) else "")
-            if not isinstance(node, dict):
-                self.fail(w, "", "must be a mapping", doc, "trustedIssuers")
-                continue
-            self.fields(
-                node, {"id", "issuer", "jwks", "audiences", "algorithms", "tokenTypes"}, w, ""
-            )
-            before = len(self.problems)
-            ident = self.string(node, "id", w, "")
-            if ident is not None:
-                if not _ID.fullmatch(ident):
-                    self.fail(
-                        w, "id", "must be lower-case letters, digits, '.', '_' or '-'", node, "id"
-                    )
-                elif ident == SELF_ISSUER_ID:
-                    self.fail(
-                        w,
-                        "id",
-                        f"{SELF_ISSUER_ID!r} is reserved for the exchange itself",
-                        node,
-                        "id",
-                    )
-                elif ident in seen_ids:
-                    self.fail(w, "id", "is used by another trusted issuer", node, "id")
-                seen_ids.add(ident)
-            iss = self.string(node, "issuer", w, "")
-            if iss is not None:
-                if "*" in iss:
-                    self.fail(w, "issuer", "must be one exact issuer, no wildcards", node, "issuer")
-                if iss in seen_iss:
-                    self.fail(w, "issuer", "is listed twice", node, "issuer")
-                if exchange is not None and iss == exchange.issuer:
-                    self.fail(w, "issuer", "is the exchange's own issuer", node, "issuer")
-                seen_iss.add(iss)
-            jwks = self.jwks(self.mapping(node, "jwks", w, "", required=True), w, base_dir)
-            audiences = self.strings(node, "audiences", w, "")
-            algorithms = self.strings(node, "algorithms", w, "")
-            for alg in algorithms or []:
-                if alg not in SUPPORTED_ALGORITHMS:
-                    hint = ", ".join(sorted(SUPPORTED_ALGORITHMS))
-                    self.fail(
-                        w,
-                        "algorithms",
-                        f"{alg!r} is not accepted (use: {hint})",
-                        node,
-                        "algorithms",
-                    )
-            types = self.strings(node, "tokenTypes", w, "", required=False) or ["JWT", "at+jwt"]
-            if len(self.problems) == before and ident and iss and jwks and audiences and algorithms:
-                out.append(
-                    TrustedIssuer(
-                        id=ident,
-                        issuer=iss,
-                        jwks=jwks,
-                        audiences=frozenset(audiences),
-                        algorithms=frozenset(algorithms),
-                        token_types=frozenset(normal_typ(t) for t in types),
-                        line=node.line,
-                        field_lines=_lines(
-                            node, "", ("issuer", "jwks", "audiences", "algorithms", "tokenTypes")
-                        ),
-                    )
-                )
-        return out
+def _exchange(found: _Scope) -> Exchange | None:
+    if found.node is None:
+        return None
+    # Unknown keys of this section are reported by their bare name, the others as "exchange.x".
+    found.section("exchange").fields(
+        ("issuer", "tokenType", "maxTtl", "leeway", "maxTokenBytes", "stripHeaders")
+    )
+    scope = found.section("exchange", "exchange.")
+    issuer = scope.string("issuer")
+    if issuer is not None and not issuer.startswith("https://"):
+        scope.fail("issuer", "must be an https:// URL", code=_NOT_HTTPS)
+    token_type = scope.get("tokenType", "access_token")
+    if not isinstance(token_type, str) or token_type not in TOKEN_TYPES:
+        scope.fail("tokenType", "must be access_token or transaction_token")
+        token_type = "access_token"
+    max_ttl = scope.duration("maxTtl", DEFAULT_MAX_TTL)
+    if max_ttl is not None and max_ttl > HARD_MAX_TTL:
+        scope.fail("maxTtl", f"must be at most {HARD_MAX_TTL}s", code=_TTL)
+    leeway = scope.duration("leeway", DEFAULT_LEEWAY)
+    if leeway is not None and leeway > 300:
+        scope.fail("leeway", "must be at most 300s")
+    max_bytes = scope.get("maxTokenBytes", DEFAULT_MAX_TOKEN_BYTES)
+    if (
+        not isinstance(max_bytes, int)
+        or isinstance(max_bytes, bool)
+        or not 256 <= max_bytes <= 65536
+    ):
+        scope.fail("maxTokenBytes", "must be an integer from 256 to 65536")
+    extra = scope.get("stripHeaders", [])
+    if not isinstance(extra, list) or not all(
+        isinstance(h, str) and _HEADER.fullmatch(h) for h in extra
+    ):
+        scope.fail("stripHeaders", "must be a list of lower-case header names")
+        extra = []
+    typ, header = TOKEN_TYPES[token_type]
+    strip = tuple(dict.fromkeys([*DEFAULT_STRIP_HEADERS, *extra]))
+    if issuer is None or max_ttl is None or leeway is None or not isinstance(max_bytes, int):
+        return None
+    return Exchange(
+        issuer=issuer,
+        token_type=token_type,
+        typ=typ,
+        header=header,
+        max_ttl=max_ttl,
+        leeway=leeway,
+        max_token_bytes=max_bytes,
+        strip_headers=tuple(h for h in strip if h != header),
+    )
 
-    def jwks(self, node: Any, w: str, base_dir: Path) -> JwksSource | None:
-        if node is None:
-            return None
-        self.fields(node, {"file", "url", "refresh", "timeout"}, w, "jwks.")
-        if ("file" in node) == ("url" in node):
-            self.fail(w, "jwks", "give exactly one of file or url", node)
-            return None
-        if "file" in node:
-            if "refresh" in node or "timeout" in node:
-                self.fail(
-                    w, "jwks", "refresh and timeout go with url (files reload on change)", node
-                )
-            name = self.string(node, "file", w, "jwks.")
-            return JwksSource(file=base_dir / name) if name is not None else None
-        url = self.string(node, "url", w, "jwks.")
-        refresh = self.duration(node, "refresh", w, "jwks.", DEFAULT_JWKS_REFRESH)
-        timeout = self.duration(node, "timeout", w, "jwks.", DEFAULT_JWKS_TIMEOUT)
-        if url is None or refresh is None or timeout is None:
-            return None
+
+def _entry_name(section: str, index: int, node: Any) -> str:
+    """``rules[2] (orders-read)``: the position, and the id when there is one to show."""
+    ident = node.get("id") if isinstance(node, dict) else None
+    return f"{section}[{index}]" + (f" ({ident})" if isinstance(ident, str) else "")
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What earlier entries of a list already claimed."""
+
+    ids: set[str] = field(default_factory=set)
+    issuers: set[str] = field(default_factory=set)
+
+
+def _issuers(top: _Scope, base_dir: Path, exchange: Exchange | None) -> list[TrustedIssuer]:
+    nodes = top.get("trustedIssuers")
+    if not isinstance(nodes, list) or not nodes:
+        top.fail("trustedIssuers", "must be a non-empty list")
+        return []
+    out: list[TrustedIssuer] = []
+    seen = _Seen()
+    for index, node in enumerate(nodes):
+        scope = top.entry(_entry_name("trustedIssuers", index, node), node, "trustedIssuers")
+        if not isinstance(node, dict):
+            scope.fail("", "must be a mapping")
+            continue
+        issuer = _issuer(scope, base_dir, exchange, seen)
+        if issuer is not None:
+            out.append(issuer)
+    return out
+
+
+def _issuer(
+    scope: _Scope, base_dir: Path, exchange: Exchange | None, seen: _Seen
+) -> TrustedIssuer | None:
+    scope.fields(("id", "issuer", "jwks", "audiences", "algorithms", "tokenTypes"))
+    before = scope.count()
+    ident = scope.string("id")
+    if ident is not None:
+        if not _ID.fullmatch(ident):
+            scope.fail("id", "must be lower-case letters, digits, '.', '_' or '-'")
+        elif ident == SELF_ISSUER_ID:
+            scope.fail("id", f"{SELF_ISSUER_ID!r} is reserved for the exchange itself")
+        elif ident in seen.ids:
+            scope.fail("id", "is used by another trusted issuer")
+        seen.ids.add(ident)
+    iss = scope.string("issuer")
+    if iss is not None:
+        if "*" in iss:
+            scope.fail("issuer", "must be one exact issuer, no wildcards", code=_ISSUER_BROAD)
+        if iss in seen.issuers:
+            scope.fail("issuer", "is listed twice")
+        if exchange is not None and iss == exchange.issuer:
+            scope.fail("issuer", "is the exchange's own issuer")
+        seen.issuers.add(iss)
+    jwks = _jwks(scope.mapping("jwks", required=True), base_dir)
+    audiences = scope.strings("audiences", missing=_AUDIENCES_MISSING)
+    algorithms = scope.strings("algorithms")
+    for alg in algorithms or []:
+        if alg not in SUPPORTED_ALGORITHMS:
+            hint = ", ".join(sorted(SUPPORTED_ALGORITHMS))
+            code = _WEAK_ALGORITHM if _is_weak_algorithm(alg) else _INVALID
+            scope.fail("algorithms", f"{alg!r} is not accepted (use: {hint})", code=code)
+    types = scope.strings("tokenTypes", required=False) or ["JWT", "at+jwt"]
+    if scope.count() != before or not (ident and iss and jwks and audiences and algorithms):
+        return None
+    return TrustedIssuer(
+        id=ident,
+        issuer=iss,
+        jwks=jwks,
+        audiences=frozenset(audiences),
+        algorithms=frozenset(algorithms),
+        token_types=frozenset(normal_typ(t) for t in types),
+        line=scope.line,
+        field_lines=_lines(scope, ("issuer", "jwks", "audiences", "algorithms", "tokenTypes")),
+    )
+
+
+def _is_weak_algorithm(name: str) -> bool:
+    """HMAC turns the issuer's public key into a shared secret and ``none`` is no signature:
+    that is the weak-algorithm risk, however it is spelt. Any other unknown name is a typo."""
+    return name.upper().startswith("HS") or name.lower() == "none"
+
+
+def _jwks(scope: _Scope, base_dir: Path) -> JwksSource | None:
+    if scope.node is None:
+        return None
+    scope.fields(("file", "url", "refresh", "timeout"))
+    if scope.has("file") == scope.has("url"):
+        scope.fail("", "give exactly one of file or url")
+        return None
+    if scope.has("file"):
+        if scope.has("refresh") or scope.has("timeout"):
+            scope.fail("", "refresh and timeout go with url (files reload on change)")
+        name = scope.string("file")
+        return JwksSource(file=base_dir / name) if name is not None else None
+    url = scope.string("url")
+    refresh = scope.duration("refresh", DEFAULT_JWKS_REFRESH)
+    timeout = scope.duration("timeout", DEFAULT_JWKS_TIMEOUT)
+    if url is None or refresh is None or timeout is None:
+        return None
+    try:
+        parsed = urlsplit(url)
+        loopback = parsed.hostname in ("127.0.0.1", "::1", "localhost")
+    except ValueError:
+        scope.fail("url", "is not a valid URL")
+        return None
+    if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
+        scope.fail("url", "must be https:// (http only on loopback)")
+    if refresh < 10 or timeout > 30:
+        scope.fail("", "refresh must be at least 10s and timeout at most 30s")
+    return JwksSource(url=url, refresh=refresh, timeout=timeout)
+
+
+def _workloads(found: _Scope) -> tuple[list[str], list[str]]:
+    if found.node is None:
+        return [], []
+    scope = found.section("workloads")
+    scope.fields(("trustDomains", "xfcc"))
+    domains = scope.strings("trustDomains") or []
+    for domain in domains:
+        if parse_spiffe_id(f"spiffe://{domain}") is None:
+            scope.fail("trustDomains", f"{domain!r} is not a SPIFFE trust domain")
+    hops: list[str] = []
+    xfcc = scope.mapping("xfcc", required=False)
+    if xfcc.node is not None:
+        xfcc.fields(("trustedHops",))
+        raw = xfcc.get("trustedHops", [])
+        if not isinstance(raw, list) or not all(isinstance(h, str) for h in raw):
+            xfcc.fail("trustedHops", "must be a list of SPIFFE IDs")
+        else:
+            for hop in raw:
+                if parse_spiffe_id(hop) is None:
+                    xfcc.fail("trustedHops", f"{hop!r} is not a SPIFFE ID")
+            hops = [canonical_spiffe(h) for h in raw]
+    return domains, hops
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """What a rule may refer to, from the sections before the rules."""
+
+    issuer_ids: set[str]
+    trust_domains: list[str]
+    exchange: Exchange | None
+
+
+def _rules(
+    top: _Scope, issuer_ids: set[str], trust_domains: list[str], exchange: Exchange | None
+) -> list[Rule]:
+    nodes = top.get("rules")
+    if not isinstance(nodes, list):
+        top.fail("rules", "must be a list")
+        return []
+    known = _Known(issuer_ids, trust_domains, exchange)
+    out: list[Rule] = []
+    seen: set[str] = set()
+    for index, node in enumerate(nodes):
+        scope = top.entry(_entry_name("rules", index, node), node, "rules")
+        if not isinstance(node, dict):
+            scope.fail("", "must be a mapping")
+            continue
+        before = scope.count()
+        rule = _rule(scope, known)
+        if rule is None:
+            continue
+        if rule.id in seen:
+            scope.fail("id", "is used by another rule")
+        seen.add(rule.id)
+        if scope.count() == before:
+            out.append(rule)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    workloads: list[str]
+    host: str | None
+    methods: list[str]
+    paths: list[str]
+    issuers: list[str]
+
+
+def _rule(scope: _Scope, known: _Known) -> Rule | None:
+    scope.fields(("id", "purpose", "match", "require", "grant", "mode", "reexchange"))
+    ident = scope.string("id")
+    if ident is not None and not _ID.fullmatch(ident):
+        scope.fail("id", "must be lower-case letters, digits, '.', '_' or '-'")
+    purpose = scope.string("purpose", missing=_PURPOSE)
+    mode = scope.get("mode", "enforce")
+    if mode not in ("enforce", "shadow"):
+        scope.fail("mode", "must be enforce or shadow")
+    reexchange = scope.get("reexchange", False)
+    if not isinstance(reexchange, bool):
+        scope.fail("reexchange", "must be true or false")
+    match_scope = scope.mapping("match", required=True)
+    match = _match(match_scope, known)
+    require_scope = scope.mapping("require", required=False)
+    required = _require(require_scope)
+    grant_scope = scope.mapping("grant", required=True)
+    grant = _grant(grant_scope, known.exchange)
+    if ident is None or purpose is None or match.host is None or grant is None:
+        return None
+    if not (match.workloads and match.methods and match.paths and match.issuers):
+        return None
+    return Rule(
+        id=ident,
+        purpose=purpose,
+        workloads=tuple(match.workloads),
+        host=match.host,
+        methods=frozenset(match.methods),
+        paths=tuple(match.paths),
+        issuers=frozenset(match.issuers),
+        require_scopes=frozenset(required),
+        grant=grant,
+        shadow=mode == "shadow",
+        reexchange=reexchange is True,
+        line=scope.line,
+        field_lines={
+            **_lines(scope, ("id", "purpose", "match", "mode", "reexchange")),
+            **_lines(match_scope, ("workloads", "host", "methods", "paths", "issuers")),
+            **_lines(require_scope, ("scopes",)),
+            **_lines(grant_scope, ("audience", "scopes", "ttl")),
+        },
+    )
+
+
+def _match(scope: _Scope, known: _Known) -> _Match:
+    scope.fields(("workloads", "host", "methods", "paths", "issuers"))
+    workloads = [canonical_spiffe(t) for t in scope.strings("workloads") or []]
+    for text in workloads:
+        reason = _workload_problem(text, known.trust_domains)
+        if reason:
+            scope.fail("workloads", f"{text!r}: {reason}", code=_WORKLOAD)
+    host = scope.string("host")
+    if host is not None and (host != host.lower() or not _HOST.fullmatch(host) or ".." in host):
+        scope.fail("host", "must be a lower-case host name without port or wildcard")
+    methods = scope.strings("methods") or []
+    for method in methods:
+        if method not in METHODS:
+            scope.fail("methods", f"{method!r} is not an upper-case HTTP method")
+    path_texts = scope.strings("paths") or []
+    for text in path_texts:
         try:
-            parsed = urlsplit(url)
-            loopback = parsed.hostname in ("127.0.0.1", "::1", "localhost")
-        except ValueError:
-            self.fail(w, "jwks.url", "is not a valid URL", node, "url")
-            return None
-        if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
-            self.fail(w, "jwks.url", "must be https:// (http only on loopback)", node, "url")
-        if refresh < 10 or timeout > 30:
-            self.fail(w, "jwks", "refresh must be at least 10s and timeout at most 30s", node)
-        return JwksSource(url=url, refresh=refresh, timeout=timeout)
-
-    def workloads(self, node: Any) -> tuple[list[str], list[str]]:
-        if node is None:
-            return [], []
-        w = "workloads"
-        self.fields(node, {"trustDomains", "xfcc"}, w, "")
-        domains = self.strings(node, "trustDomains", w, "") or []
-        for domain in domains:
-            if parse_spiffe_id(f"spiffe://{domain}") is None:
-                self.fail(
-                    w,
-                    "trustDomains",
-                    f"{domain!r} is not a SPIFFE trust domain",
-                    node,
-                    "trustDomains",
-                )
-        hops: list[str] = []
-        xfcc = self.mapping(node, "xfcc", w, "", required=False)
-        if xfcc is not None:
-            self.fields(xfcc, {"trustedHops"}, w, "xfcc.")
-            raw = xfcc.get("trustedHops", [])
-            if not isinstance(raw, list) or not all(isinstance(h, str) for h in raw):
-                self.fail(
-                    w, "xfcc.trustedHops", "must be a list of SPIFFE IDs", xfcc, "trustedHops"
-                )
-            else:
-                for hop in raw:
-                    if parse_spiffe_id(hop) is None:
-                        self.fail(
-                            w,
-                            "xfcc.trustedHops",
-                            f"{hop!r} is not a SPIFFE ID",
-                            xfcc,
-                            "trustedHops",
-                        )
-                hops = [canonical_spiffe(h) for h in raw]
-        return domains, hops
-
-    def rules(
-        self,
-        nodes: Any,
-        doc: Any,
-        issuers: list[TrustedIssuer],
-        trust_domains: list[str],
-        exchange: Exchange | None,
-    ) -> list[Rule]:
-        if not isinstance(nodes, list):
-            self.fail("", "rules", "must be a list", doc, "rules")
-            return []
-        issuer_ids = {i.id for i in issuers}
-        out: list[Rule] = []
-        seen: set[str] = set()
-        for index, node in enumerate(nodes):
-            ident = node.get("id") if isinstance(node, dict) else None
-            w = f"rules[{index}]" + (f" ({ident})" if isinstance(ident, str) else "")
-            if not isinstance(node, dict):
-                self.fail(w, "", "must be a mapping", doc, "rules")
-                continue
-            before = len(self.problems)
-            rule = self.rule(node, w, issuer_ids, trust_domains, exchange)
-            if rule is not None and rule.id in seen:
-                self.fail(w, "id", "is used by another rule", node, "id")
-            if rule is not None:
-                seen.add(rule.id)
-            if rule is not None and len(self.problems) == before:
-                out.append(rule)
-        return out
-
-    def rule(
-        self,
-        node: yamlsrc.Located,
-        w: str,
-        issuer_ids: set[str],
-        trust_domains: list[str],
-        exchange: Exchange | None,
-    ) -> Rule | None:
-        self.fields(
-            node, {"id", "purpose", "match", "require", "grant", "mode", "reexchange"}, w, ""
-        )
-        ident = self.string(node, "id", w, "")
-        if ident is not None and not _ID.fullmatch(ident):
-            self.fail(w, "id", "must be lower-case letters, digits, '.', '_' or '-'", node, "id")
-        purpose = self.string(node, "purpose", w, "")
-        mode = node.get("mode", "enforce")
-        if mode not in ("enforce", "shadow"):
-            self.fail(w, "mode", "must be enforce or shadow", node, "mode")
-        reexchange = node.get("reexchange", False)
-        if not isinstance(reexchange, bool):
-            self.fail(w, "reexchange", "must be true or false", node, "reexchange")
-
-        match = self.mapping(node, "match", w, "", required=True)
-        self.fields(match, {"workloads", "host", "methods", "paths", "issuers"}, w, "match.")
-        workloads = [
-            canonical_spiffe(t) for t in self.strings(match, "workloads", w, "match.") or []
-        ]
-        for text in workloads:
-            reason = _workload_problem(text, trust_domains)
-            if reason:
-                self.fail(w, "match.workloads", f"{text!r}: {reason}", match, "workloads")
-        host = self.string(match, "host", w, "match.")
-        if host is not None and (host != host.lower() or not _HOST.fullmatch(host) or ".." in host):
-            self.fail(
-                w,
-                "match.host",
-                "must be a lower-case host name without port or wildcard",
-                match,
-                "host",
-            )
-        methods = self.strings(match, "methods", w, "match.") or []
-        for method in methods:
-            if method not in METHODS:
-                self.fail(
-                    w,
-                    "match.methods",
-                    f"{method!r} is not an upper-case HTTP method",
-                    match,
-                    "methods",
-                )
-        path_texts = self.strings(match, "paths", w, "match.") or []
-        for text in path_texts:
-            try:
-                paths.parse_template(text)
-            except ValueError as exc:
-                self.fail(w, "match.paths", f"{text!r}: {exc}", match, "paths")
-        rule_issuers = self.strings(match, "issuers", w, "match.") or []
-        for iss in rule_issuers:
-            if iss not in issuer_ids:
-                self.fail(
-                    w, "match.issuers", f"{iss!r} is not a trusted issuer id", match, "issuers"
-                )
-
-        require = self.mapping(node, "require", w, "", required=False)
-        self.fields(require, {"scopes"}, w, "require.")
-        required = self.strings(require, "scopes", w, "require.", required=False) or []
-        self.scopes(required, w, "require.scopes", require)
-
-        grant_node = self.mapping(node, "grant", w, "", required=True)
-        self.fields(grant_node, {"audience", "scopes", "ttl"}, w, "grant.")
-        audience = self.string(grant_node, "audience", w, "grant.")
-        if audience is not None and ("*" in audience or " " in audience):
-            self.fail(
-                w,
-                "grant.audience",
-                "must be exactly one audience, no wildcards",
-                grant_node,
-                "audience",
-            )
-        granted = self.strings(grant_node, "scopes", w, "grant.") or []
-        self.scopes(granted, w, "grant.scopes", grant_node)
-        ttl = self.duration(grant_node, "ttl", w, "grant.", None)
-        if ttl is not None and exchange is not None and ttl > exchange.max_ttl:
-            self.fail(
-                w,
-                "grant.ttl",
-                f"{ttl}s exceeds exchange.maxTtl ({exchange.max_ttl}s)",
-                grant_node,
-                "ttl",
-            )
-        if None in (ident, purpose, host, audience, ttl) or not (
-            workloads and methods and path_texts and rule_issuers and granted
-        ):
-            return None
-        assert ident and purpose and host and audience and ttl  # for the type checker
-        return Rule(
-            id=ident,
-            purpose=purpose,
-            workloads=tuple(workloads),
-            host=host,
-            methods=frozenset(methods),
-            paths=tuple(path_texts),
-            issuers=frozenset(rule_issuers),
-            require_scopes=frozenset(required),
-            grant=Grant(audience, frozenset(granted), ttl),
-            shadow=mode == "shadow",
-            reexchange=reexchange is True,
-            line=node.line,
-            field_lines={
-                **_lines(node, "", ("id", "purpose", "match", "mode", "reexchange")),
-                **_lines(match, "match.", ("workloads", "host", "methods", "paths", "issuers")),
-                **_lines(require, "require.", ("scopes",)),
-                **_lines(grant_node, "grant.", ("audience", "scopes", "ttl")),
-            },
-        )
-
-    def scopes(self, scopes: list[str], w: str, fieldpath: str, node: Any) -> None:
-        for scope in scopes:
-            if not _SCOPE.fullmatch(scope):
-                self.fail(
-                    w,
-                    fieldpath,
-                    f"{scope!r} is not a valid scope token",
-                    node,
-                    fieldpath.split(".")[-1],
-                )
-            elif scope == "*" or scope.endswith("*"):
-                self.fail(
-                    w,
-                    fieldpath,
-                    f"{scope!r}: scopes are exact, no wildcards",
-                    node,
-                    fieldpath.split(".")[-1],
-                )
+            paths.parse_template(text)
+        except ValueError as exc:
+            scope.fail("paths", f"{text!r}: {exc}")
+    issuers = scope.strings("issuers") or []
+    for iss in issuers:
+        if iss not in known.issuer_ids:
+            scope.fail("issuers", f"{iss!r} is not a trusted issuer id")
+    return _Match(workloads, host, methods, path_texts, issuers)
 
 
-def _lines(node: Any, prefix: str, keys: tuple[str, ...]) -> dict[str, int]:
-    if not isinstance(node, yamlsrc.Located):
+def _require(scope: _Scope) -> list[str]:
+    scope.fields(("scopes",))
+    required = scope.strings("scopes", required=False) or []
+    _check_scopes(scope, "scopes", required)
+    return required
+
+
+def _grant(scope: _Scope, exchange: Exchange | None) -> Grant | None:
+    scope.fields(("audience", "scopes", "ttl"))
+    # No audience is a token every system accepts, and a list is several systems.
+    several = isinstance(scope.get("audience"), list)
+    audience = scope.string(
+        "audience", missing=_AUDIENCE, invalid=_AUDIENCE if several else _INVALID
+    )
+    if audience is not None and ("*" in audience or " " in audience):
+        scope.fail("audience", "must be exactly one audience, no wildcards", code=_AUDIENCE)
+    granted = scope.strings("scopes") or []
+    _check_scopes(scope, "scopes", granted)
+    # A grant without a ttl has no lifetime of its own to cap.
+    ttl = scope.duration("ttl", None, missing=_TTL)
+    if ttl is not None and exchange is not None and ttl > exchange.max_ttl:
+        scope.fail("ttl", f"{ttl}s exceeds exchange.maxTtl ({exchange.max_ttl}s)", code=_TTL)
+    if audience is None or ttl is None or not granted:
+        return None
+    return Grant(audience, frozenset(granted), ttl)
+
+
+def _check_scopes(scope: _Scope, key: str, values: list[str]) -> None:
+    for value in values:
+        if not _SCOPE.fullmatch(value):
+            scope.fail(key, f"{value!r} is not a valid scope token")
+        elif value == "*" or value.endswith("*"):
+            scope.fail(key, f"{value!r}: scopes are exact, no wildcards", code=_SCOPES)
+
+
+def _lines(scope: _Scope, keys: tuple[str, ...]) -> dict[str, int]:
+    if not isinstance(scope.node, yamlsrc.Located):
         return {}
-    found = {prefix + key: node.key_lines.get(key) for key in keys}
+    found = {scope.prefix + key: scope.node.key_lines.get(key) for key in keys}
     return {key: line for key, line in found.items() if line is not None}
 
 

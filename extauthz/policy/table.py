@@ -4,17 +4,21 @@ The table is a trie per (host, method) over the path template's segments; each l
 rules for that template by (caller, issuer). Two rules that could answer the same request with
 equal specificity are an overlap: the compiler refuses them and lint reports the same finding.
 Building costs one pass over the rules, so overlap detection is linear in their number.
+
+``overlapping_rules`` finds, in a built table, every pair of rules that some request could
+match both of, however differently specific: what lint warns about. It walks the trie against
+itself, so only templates that share a compatible prefix are ever compared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from extauthz.decision import paths
 from extauthz.decision.model import SELF_ISSUER_ID, Leaf, Node, Rule, RuleTable, WorkloadPattern
 
-__all__ = ["Overlap", "build_table", "patterns_overlap"]
+__all__ = ["Overlap", "build_table", "overlapping_rules", "patterns_overlap"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +130,85 @@ def patterns_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
         if x != "*" and y != "*" and x != y:
             return False
     return True
+
+
+def overlapping_rules(table: RuleTable) -> list[tuple[Rule, Rule]]:
+    """Every pair of rules that one request could match both of: a common host and method,
+    path templates some path matches both of, a common issuer and callers some SPIFFE ID
+    matches both of. Each pair once, either way round."""
+    found: dict[tuple[str, str], tuple[Rule, Rule]] = {}
+    for methods in table.hosts.values():
+        for root in methods.values():
+            for left, right in _overlapping_leaves(root):
+                for a, b in _shared_callers(left, right):
+                    key = (a.id, b.id) if a.id < b.id else (b.id, a.id)
+                    found.setdefault(key, (a, b))
+    return list(found.values())
+
+
+def _overlapping_leaves(root: Node) -> Iterator[tuple[Leaf, Leaf]]:
+    """Pairs of leaves whose templates some path matches both of (a leaf with itself too).
+
+    The trie is walked against itself: a pair of nodes at one depth is visited only if the
+    prefixes leading to them are compatible (equal literals, or a ``{param}`` against any
+    literal but the empty last segment, which ``{param}`` never matches). A ``**`` leaf then
+    matches every template under the other node, since it takes zero or more segments."""
+    stack = [(root, root)]
+    while stack:
+        a, b = stack.pop()
+        if a.leaf is not None and b.leaf is not None:
+            yield a.leaf, b.leaf
+        if a.rest is not None:
+            yield from ((a.rest, leaf) for leaf in _leaves_under(b))
+        if b.rest is not None:
+            yield from ((leaf, b.rest) for leaf in _leaves_under(a))
+        fewer, more = (a, b) if len(a.literal) <= len(b.literal) else (b, a)
+        for seg, child in fewer.literal.items():
+            other = more.literal.get(seg)
+            if other is not None:
+                stack.append((child, other))
+        if a.param is not None and b.param is not None:
+            stack.append((a.param, b.param))
+        if a.param is not None:
+            stack.extend((a.param, child) for seg, child in b.literal.items() if seg != "")
+        if b.param is not None:
+            stack.extend((child, b.param) for seg, child in a.literal.items() if seg != "")
+
+
+def _leaves_under(node: Node) -> Iterator[Leaf]:
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current.leaf is not None:
+            yield current.leaf
+        if current.rest is not None:
+            yield current.rest
+        stack.extend(current.literal.values())
+        if current.param is not None:
+            stack.append(current.param)
+
+
+def _shared_callers(a: Leaf, b: Leaf) -> Iterator[tuple[Rule, Rule]]:
+    """Distinct rules of two leaves that one caller with one issuer reaches in both. Exact IDs
+    are looked up; patterns are compared with what the other leaf holds for the same issuer,
+    as ``build_table`` compares them when placing."""
+    fewer, more = (a, b) if len(a.exact) <= len(b.exact) else (b, a)
+    for key, rule in fewer.exact.items():
+        other = more.exact.get(key)
+        if other is not None and other.id != rule.id:
+            yield rule, other
+    for exact_leaf, pattern_leaf in ((a, b), (b, a)):
+        if not pattern_leaf.patterns:
+            continue
+        for (caller, iss), rule in exact_leaf.exact.items():
+            for pattern, pattern_iss, other in pattern_leaf.patterns:
+                if pattern_iss == iss and other.id != rule.id and pattern.matches(caller):
+                    yield rule, other
+    for pattern, iss, rule in a.patterns:
+        for other_pattern, other_iss, other in b.patterns:
+            if (
+                other_iss == iss
+                and other.id != rule.id
+                and patterns_overlap(pattern.parts, other_pattern.parts)
+            ):
+                yield rule, other

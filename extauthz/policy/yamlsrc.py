@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+__all__ = ["DuplicateKeyError", "Located", "load"]
+
 
 class Located(dict[str, Any]):
     """A mapping from the YAML source with 1-based line numbers for itself and its keys."""
@@ -19,11 +21,12 @@ class Located(dict[str, Any]):
     key_lines: dict[str, int]
 
     def line_of(self, key: str) -> int | None:
+        """The line of ``key``, else of the mapping itself."""
         return self.key_lines.get(key, self.line)
 
 
 class DuplicateKeyError(yaml.MarkedYAMLError):
-    pass
+    """A mapping has the same key twice (PyYAML alone would keep the last one)."""
 
 
 # libyaml's parser when PyYAML was built with it: a 10,000-rule policy parses in a fraction of

@@ -4,29 +4,65 @@ The compiler already refuses what is never safe (wildcard audiences, uncapped tt
 scopes, symmetric algorithms, rules without a purpose, ambiguous overlaps); those come back here
 as errors under the same check ids. The checks below flag what compiles but widens the blast
 radius of a token: each finding says the risk in one line and how to fix it.
+
+The file is read once and parsed once; the checks read the compiled policy (and the parsed
+document, for what compiling drops: which keys were left out, and their lines). Every check is
+linear in the number of rules: overlaps come from the compiled table, not from comparing rules
+pairwise.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from extauthz.decision import paths
 from extauthz.decision.identity import parse_spiffe_id
-from extauthz.decision.model import SELF_ISSUER_ID, Policy, Rule, TrustedIssuer, WorkloadPattern
+from extauthz.decision.model import Policy, Rule, TrustedIssuer
 from extauthz.errors import PolicyError
 from extauthz.policy import yamlsrc
-from extauthz.policy.compiler import MAX_POLICY_BYTES, compile_policy
-from extauthz.policy.table import patterns_overlap
+from extauthz.policy.compiler import MAX_POLICY_BYTES, compile_document, parse_document
+from extauthz.policy.table import overlapping_rules
 
+__all__ = [
+    "CATCH_ALL_SCOPES",
+    "CHECKS",
+    "ERROR",
+    "INFO",
+    "MAX_AUDIENCES_PER_ISSUER",
+    "MAX_WORKLOADS_PER_RULE",
+    "SHORT_TTL",
+    "WARNING",
+    "Check",
+    "Finding",
+    "UnreadablePolicy",
+    "audience_not_single_system",
+    "audience_shared",
+    "exchange_path_shared",
+    "grant_wider_than_require",
+    "issuer_checks",
+    "lint_file",
+    "lint_text",
+    "max_ttl_implicit",
+    "purpose_vague",
+    "reexchange",
+    "rule_many_issuers",
+    "rules_overlap",
+    "scope_catch_all",
+    "shadow_mode",
+    "ttl_long",
+    "workloads_broad",
+    "xfcc_hops",
+]
+
+# Severities: errors fail lint, warnings fail it with --strict, infos never do.
 ERROR, WARNING, INFO = "error", "warning", "info"
 SHORT_TTL = 60  # seconds; longer grants are flagged even when under maxTtl
-MAX_WORKLOADS_PER_RULE = 10
-MAX_AUDIENCES_PER_ISSUER = 3
+MAX_WORKLOADS_PER_RULE = 10  # more callers than this in one rule are flagged
+MAX_AUDIENCES_PER_ISSUER = 3  # more accepted audiences than this are flagged
+# Scope names that grant whatever the downstream decides they mean.
 CATCH_ALL_SCOPES = frozenset(
     {"all", "any", "admin", "root", "superuser", "full", "full_access", "everything", "*"}
 )
@@ -34,6 +70,9 @@ CATCH_ALL_SCOPES = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class Finding:
+    """One lint result: how bad, which check, where (file, line, rule, field), what and how to
+    fix it."""
+
     severity: str
     check: str
     file: str
@@ -44,6 +83,7 @@ class Finding:
     hint: str
 
     def render(self) -> str:
+        """Two lines of text: ``file:line: severity[check] rule r: field: message``, the fix."""
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         subject = f"rule {self.rule}: " if self.rule else ""
         field = f"{self.field}: " if self.field else ""
@@ -53,6 +93,7 @@ class Finding:
         )
 
     def to_json(self) -> dict[str, Any]:
+        """The finding as a JSON object, one key per field."""
         return asdict(self)
 
 
@@ -77,6 +118,7 @@ _COMPILE_HINTS = {
 
 
 def lint_file(path: Path) -> list[Finding]:
+    """Lint one policy file. Raises ``UnreadablePolicy`` when it cannot be read as UTF-8."""
     try:
         with path.open("rb") as fh:
             data = fh.read(MAX_POLICY_BYTES + 1)
@@ -89,8 +131,11 @@ def lint_file(path: Path) -> list[Finding]:
 def lint_text(
     text: str, *, source: str = "<policy>", base_dir: Path | None = None
 ) -> list[Finding]:
+    """Lint a policy document: its compile problems as errors if it does not compile, else what
+    every check finds. Sorted errors first, then by line."""
     try:
-        policy = compile_policy(text, source=source, base_dir=base_dir)
+        raw = parse_document(text, source=source)
+        policy = compile_document(raw, text, source=source, base_dir=base_dir)
     except PolicyError as exc:
         return [
             Finding(
@@ -105,7 +150,6 @@ def lint_text(
             )
             for p in exc.problems
         ]
-    raw = yamlsrc.load(text)
     findings: list[Finding] = []
     for check in CHECKS:
         findings.extend(check(policy, raw))
@@ -130,10 +174,12 @@ def _finding(
 
 # --- the checks ------------------------------------------------------------------------------
 
+# A check reads the compiled policy and the parsed document (raw YAML) and yields findings.
 Check = Callable[[Policy, Any], Iterator[Finding]]
 
 
 def audience_not_single_system(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """An audience that names a family of systems (a prefix, a pattern, a namespace)."""
     for rule in policy.rules:
         aud = rule.grant.audience
         why = _family_audience(aud)
@@ -165,6 +211,7 @@ def _family_audience(aud: str) -> str:
 
 
 def audience_shared(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """One audience granted for several hosts."""
     hosts: dict[str, set[str]] = defaultdict(set)
     first: dict[str, Rule] = {}
     for rule in policy.rules:
@@ -185,6 +232,7 @@ def audience_shared(policy: Policy, raw: Any) -> Iterator[Finding]:
 
 
 def ttl_long(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Grants that live longer than ``SHORT_TTL``."""
     for rule in policy.rules:
         if rule.grant.ttl > SHORT_TTL:
             yield _finding(
@@ -199,6 +247,7 @@ def ttl_long(policy: Policy, raw: Any) -> Iterator[Finding]:
 
 
 def max_ttl_implicit(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """No ``exchange.maxTtl``: the cap is the built-in default."""
     exchange = raw.get("exchange") if isinstance(raw, dict) else None
     if isinstance(exchange, dict) and "maxTtl" not in exchange:
         yield Finding(
@@ -214,6 +263,7 @@ def max_ttl_implicit(policy: Policy, raw: Any) -> Iterator[Finding]:
 
 
 def scope_catch_all(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Granted scopes with catch-all names (``admin``, ``all``, ...)."""
     for rule in policy.rules:
         broad = sorted(s for s in rule.grant.scopes if s.lower() in CATCH_ALL_SCOPES)
         if broad:
@@ -229,6 +279,7 @@ def scope_catch_all(policy: Policy, raw: Any) -> Iterator[Finding]:
 
 
 def grant_wider_than_require(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Rules that require no scope, or grant scopes they do not require."""
     for rule in policy.rules:
         if not rule.require_scopes:
             yield _finding(
@@ -269,6 +320,7 @@ def _issuer_finding(
 
 
 def issuer_checks(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Trusted issuers that are not https, accept many audiences, or RSA PKCS#1 v1.5."""
     for issuer in policy.issuers.values():
         if not issuer.issuer.startswith("https://"):
             yield _issuer_finding(
@@ -305,6 +357,7 @@ def issuer_checks(policy: Policy, raw: Any) -> Iterator[Finding]:
 
 
 def rule_many_issuers(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Rules that accept tokens from more than one issuer."""
     for rule in policy.rules:
         if len(rule.issuers) > 1:
             yield _finding(
@@ -319,6 +372,7 @@ def rule_many_issuers(policy: Policy, raw: Any) -> Iterator[Finding]:
 
 
 def purpose_vague(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Purposes too short to say why the exchange exists."""
     for rule in policy.rules:
         if len(rule.purpose.split()) < 3:
             yield _finding(
@@ -333,6 +387,7 @@ def purpose_vague(policy: Policy, raw: Any) -> Iterator[Finding]:
 
 
 def workloads_broad(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Caller patterns spanning a trust domain or every namespace; too many callers."""
     for rule in policy.rules:
         for text in rule.workloads:
             if "*" in text and _literal_prefix(text) < 2:
@@ -369,6 +424,7 @@ def _literal_prefix(pattern: str) -> int:
 
 
 def exchange_path_shared(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """One caller pattern that exchanges into several audiences."""
     audiences: dict[str, set[str]] = defaultdict(set)
     owner: dict[str, Rule] = {}
     for rule in policy.rules:
@@ -401,6 +457,7 @@ def _raw_line(raw: Any, *keys: str) -> int | None:
 
 
 def xfcc_hops(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Proxies trusted to vouch for callers through XFCC."""
     if policy.xfcc_trusted_hops:
         yield Finding(
             INFO,
@@ -415,71 +472,32 @@ def xfcc_hops(policy: Policy, raw: Any) -> Iterator[Finding]:
 
 
 def rules_overlap(policy: Policy, raw: Any) -> Iterator[Finding]:
-    by_host: dict[str, list[Rule]] = defaultdict(list)
+    """Pairs of rules one request could match both of, found in the compiled table. The
+    compiler refused the equally specific ones; these it resolves by specificity."""
+    index = {rule.id: position for position, rule in enumerate(policy.rules)}
+    hosts: dict[str, int] = {}
     for rule in policy.rules:
-        by_host[rule.host].append(rule)
-    for rules in by_host.values():
-        for a, b in itertools.combinations(rules, 2):
-            if _overlap(a, b):
-                yield _finding(
-                    WARNING,
-                    "rules-overlap",
-                    policy,
-                    b,
-                    "match",
-                    f"overlaps rule {a.id!r}; the compiler picks the more specific path or "
-                    "workload, which a reader may not expect",
-                    "make the rules disjoint so each request has one obvious rule",
-                )
-
-
-def _overlap(a: Rule, b: Rule) -> bool:
-    if a.methods.isdisjoint(b.methods) or _issuer_ids(a).isdisjoint(_issuer_ids(b)):
-        return False
-    if not any(
-        templates_overlap(paths.parse_template(x).segments, paths.parse_template(y).segments)
-        for x in a.paths
-        for y in b.paths
-    ):
-        return False
-    return any(_workloads_overlap(x, y) for x in a.workloads for y in b.workloads)
-
-
-def _issuer_ids(rule: Rule) -> frozenset[str]:
-    return rule.issuers | {SELF_ISSUER_ID} if rule.reexchange else rule.issuers
-
-
-def templates_overlap(a: paths.Segments, b: paths.Segments) -> bool:
-    for i in itertools.count():
-        if (i < len(a) and a[i] == paths.REST) or (i < len(b) and b[i] == paths.REST):
-            return True
-        if i == len(a) or i == len(b):
-            return len(a) == len(b)
-        x, y = a[i], b[i]
-        if x == paths.PARAM and y == paths.PARAM:
-            continue
-        if x == paths.PARAM or y == paths.PARAM:
-            if (y if x == paths.PARAM else x) == "":
-                return False
-            continue
-        if x != y:
-            return False
-    return False  # unreachable; itertools.count never ends
-
-
-def _workloads_overlap(x: str, y: str) -> bool:
-    if "*" not in x and "*" not in y:
-        return x == y
-    px = WorkloadPattern.parse(x)
-    py = WorkloadPattern.parse(y)
-    if "*" not in x:
-        return py.matches(x)
-    if "*" not in y:
-        return px.matches(y)
-    return patterns_overlap(px.parts, py.parts)
+        hosts.setdefault(rule.host, len(hosts))
+    pairs = [
+        (a, b) if index[a.id] < index[b.id] else (b, a) for a, b in overlapping_rules(policy.table)
+    ]
+    # Host by host, then in rule order: the order a reader of the policy meets them in.
+    pairs.sort(key=lambda pair: (hosts[pair[0].host], index[pair[0].id], index[pair[1].id]))
+    for earlier, later in pairs:
+        yield _finding(
+            WARNING,
+            "rules-overlap",
+            policy,
+            later,
+            "match",
+            f"overlaps rule {earlier.id!r}; the compiler picks the more specific path or "
+            "workload, which a reader may not expect",
+            "make the rules disjoint so each request has one obvious rule",
+        )
 
 
 def shadow_mode(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """The policy, or a rule, in shadow mode (not enforced)."""
     if policy.shadow:
         yield Finding(
             WARNING,
@@ -505,6 +523,7 @@ def shadow_mode(policy: Policy, raw: Any) -> Iterator[Finding]:
 
 
 def reexchange(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Rules that accept tokens this exchange minted."""
     for rule in policy.rules:
         if rule.reexchange:
             yield _finding(
