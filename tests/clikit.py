@@ -1,5 +1,6 @@
-"""Shared by the CLI tests of the policy tools: running ``extauthz`` in-process, and a rule the
-example policy lacks."""
+"""Shared by the CLI tests: running ``extauthz`` in-process, and a rule the example policy
+lacks. Each command keeps at most one test through the real entry point in a child process,
+where its exit code and output, or what another process sees, is the point."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from extauthz.cli import main
 
 
 def in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``extauthz ARGS`` run in this process (fast); same shape as a subprocess result."""
+    """``extauthz ARGS`` run in this process (fast); same shape as a subprocess result. Any
+    other exception propagates: in a child process it would be a traceback."""
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse refusing the command line
+            code = exc.code if isinstance(exc.code, int) else 1
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 

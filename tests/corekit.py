@@ -1,4 +1,5 @@
-"""Shared helpers for the core, policy and invariant tests (imported as ``import corekit``).
+"""Shared helpers for the tests of the decision core: policies, snapshots, tokens made by hand,
+and a ``World`` to ask for decisions (imported as ``import corekit``).
 
 pytest's default ``prepend`` import mode puts ``tests/`` on ``sys.path`` for the test files
 that live there, so this module needs no package and no conftest.
@@ -7,6 +8,7 @@ that live there, so this module needs no package and no conftest.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import hashlib
 import hmac
@@ -14,15 +16,26 @@ import itertools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives import serialization
 from jwt.algorithms import get_default_algorithms
 
-from extauthz.decision.jose import IssuerKeys, SigningKey, generate_signing_key, parse_jwks
+from extauthz.decision.authenticate import LruSubjectCache
+from extauthz.decision.jose import (
+    IssuerKeys,
+    SigningKey,
+    generate_signing_key,
+    jwks_document,
+    parse_compact,
+    parse_jwks,
+)
 from extauthz.decision.model import Policy, Snapshot
-from extauthz.decision.pipeline import CheckInput
+from extauthz.decision.pipeline import CheckInput, Decision, decide
+from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.policy import yamlsrc
 from extauthz.policy.compiler import compile_policy
@@ -66,23 +79,60 @@ def compact(header: Mapping[str, Any], claims: Mapping[str, Any], signature: byt
     return f"{b64json(header)}.{b64json(claims)}.{b64url(signature)}"
 
 
-def sign_raw(key: SigningKey, header: Mapping[str, Any], claims: Mapping[str, Any]) -> str:
+def sign_parts(key: SigningKey, head: str, body: str, *, alg: str | None = None) -> str:
+    """Validly sign already-encoded header and payload segments with ``key``; ``alg`` does the
+    arithmetic of another algorithm than the key's own (a signature under a false label)."""
+    signing_input = f"{head}.{body}".encode("ascii")
+    signature = get_default_algorithms()[alg or key.alg].sign(signing_input, key.private_key)
+    return f"{head}.{body}.{b64url(signature)}"
+
+
+def sign_raw(
+    key: SigningKey,
+    header: Mapping[str, Any],
+    claims: Mapping[str, Any],
+    *,
+    alg: str | None = None,
+) -> str:
     """Validly signed with ``key`` but with an arbitrary header (crit, odd typ, no kid...)."""
-    return sign_bytes(key, header, json.dumps(claims, separators=(",", ":")).encode("utf-8"))
+    return sign_parts(key, b64json(header), b64json(claims), alg=alg)
 
 
 def sign_bytes(key: SigningKey, header: Mapping[str, Any], payload: bytes) -> str:
     """Validly signed with ``key`` over any payload bytes (JSON no encoder would produce)."""
-    head, body = b64json(header), b64url(payload)
-    signing_input = f"{head}.{body}".encode("ascii")
-    signature = get_default_algorithms()[key.alg].sign(signing_input, key.private_key)
-    return f"{head}.{body}.{b64url(signature)}"
+    return sign_parts(key, b64json(header), b64url(payload))
 
 
-def hs256(header: Mapping[str, Any], claims: Mapping[str, Any], secret: bytes) -> str:
+HMAC_DIGESTS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+
+
+def hmac_token(
+    alg: str, header: Mapping[str, Any], claims: Mapping[str, Any], secret: bytes
+) -> str:
+    """An HMAC-signed token (``alg`` one of HMAC_DIGESTS), as an algorithm-confusion attacker
+    makes it with whatever bytes they hope the verifier uses as the secret."""
     head, body = b64json(header), b64json(claims)
-    mac = hmac.new(secret, f"{head}.{body}".encode("ascii"), hashlib.sha256).digest()
+    mac = hmac.new(secret, f"{head}.{body}".encode("ascii"), HMAC_DIGESTS[alg]).digest()
     return f"{head}.{body}.{b64url(mac)}"
+
+
+def public_key_secrets(key: SigningKey) -> dict[str, bytes]:
+    """Every way an attacker might serialise an issuer's PUBLIC key to use it as an HMAC
+    secret, by name; OpenSSH and PKCS#1 only where the key type has them."""
+    public = key.private_key.public_key()
+    fmt, enc = serialization.PublicFormat, serialization.Encoding
+    out = {
+        "pem-spki": public.public_bytes(enc.PEM, fmt.SubjectPublicKeyInfo),
+        "der-spki": public.public_bytes(enc.DER, fmt.SubjectPublicKeyInfo),
+        "jwk": json.dumps(dict(key.public_jwk)).encode(),
+        "jwk-compact": json.dumps(dict(key.public_jwk), separators=(",", ":")).encode(),
+        "jwks": json.dumps(jwks_document([key])).encode(),
+    }
+    with contextlib.suppress(ValueError):  # OpenSSH has no encoding for some curves
+        out["openssh"] = public.public_bytes(enc.OpenSSH, fmt.OpenSSH)
+    with contextlib.suppress(ValueError):  # PKCS#1 is for RSA keys only
+        out["pem-pkcs1"] = public.public_bytes(enc.PEM, fmt.PKCS1)
+    return out
 
 
 def subject_claims(now: float = NOW, **overrides: Any) -> dict[str, Any]:
@@ -139,6 +189,28 @@ def rule_doc(
     return rule
 
 
+def issuer_doc(
+    *,
+    ident: str = IDP_ID,
+    issuer: str = IDP_ISS,
+    jwks_file: str = JWKS_FILE,
+    audiences: Sequence[str] = (IDP_AUD,),
+    algorithms: Sequence[str] = ("ES256",),
+    token_types: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """One ``trustedIssuers`` entry; by default the test IdP with ES256 keys from a file."""
+    doc: dict[str, Any] = {
+        "id": ident,
+        "issuer": issuer,
+        "jwks": {"file": jwks_file},
+        "audiences": list(audiences),
+        "algorithms": list(algorithms),
+    }
+    if token_types is not None:
+        doc["tokenTypes"] = list(token_types)
+    return doc
+
+
 def policy_doc(
     rules: Sequence[Mapping[str, Any]] | None = None,
     *,
@@ -147,24 +219,23 @@ def policy_doc(
     trusted_hops: Sequence[str] = (),
     trust_domains: Sequence[str] = (TD,),
     issuers: Sequence[Mapping[str, Any]] | None = None,
+    exchange: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A policy document; ``exchange`` adds or overrides fields of its ``exchange`` section."""
     if issuers is None:
-        issuers = [
-            {
-                "id": IDP_ID,
-                "issuer": IDP_ISS,
-                "jwks": {"file": JWKS_FILE},
-                "audiences": [IDP_AUD],
-                "algorithms": ["ES256"],
-            }
-        ]
+        issuers = [issuer_doc()]
     workloads: dict[str, Any] = {"trustDomains": list(trust_domains)}
     if trusted_hops:
         workloads["xfcc"] = {"trustedHops": list(trusted_hops)}
     return {
         "apiVersion": "extauthz/v1",
         "kind": "ExchangePolicy",
-        "exchange": {"issuer": EXCHANGE_ISS, "tokenType": token_type, "maxTtl": max_ttl},
+        "exchange": {
+            "issuer": EXCHANGE_ISS,
+            "tokenType": token_type,
+            "maxTtl": max_ttl,
+            **(exchange or {}),
+        },
         "trustedIssuers": copy.deepcopy(list(issuers)),
         "workloads": workloads,
         "rules": copy.deepcopy(list(rules if rules is not None else [rule_doc()])),
@@ -277,3 +348,89 @@ def request(
 
 def new_signing_key(alg: str = "ES256") -> SigningKey:
     return generate_signing_key(alg)
+
+
+# --- asking for decisions -------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """One sidecar's state (a Snapshot and, unless ``None``, its subject cache) and the identity
+    provider it trusts. Its subject tokens carry ``scope`` unless told otherwise."""
+
+    idp: Idp
+    signing: SigningKey
+    snap: Snapshot
+    cache: LruSubjectCache | None = field(default_factory=LruSubjectCache)
+    scope: str = "profile.read"
+
+    def claims(self, **overrides: Any) -> dict[str, Any]:
+        """``subject_claims`` at NOW with this world's scope (``None`` removes a claim)."""
+        return subject_claims(NOW, **{"scope": self.scope, **overrides})
+
+    def token(self, typ: str = "at+jwt", **claims: Any) -> str:
+        return self.idp.key.sign(self.claims(**claims), typ)
+
+    def raw(self, header: Mapping[str, Any], **claims: Any) -> str:
+        """Validly signed by the trusted IdP, with an arbitrary header."""
+        return sign_raw(self.idp.key, header, self.claims(**claims))
+
+    def header(self, **extra: Any) -> dict[str, Any]:
+        return {"alg": self.idp.key.alg, "kid": self.idp.key.kid, "typ": "at+jwt", **extra}
+
+    def ask(
+        self,
+        token: str | None = None,
+        *,
+        authorization: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        now: float = NOW,
+        **where: Any,
+    ) -> Decision:
+        """decide() for ``request(**where)`` carrying ``token`` as a bearer token, or the whole
+        ``authorization`` value as given."""
+        all_headers = dict(headers or {})
+        if authorization is not None:
+            all_headers["authorization"] = authorization
+        elif token is not None:
+            all_headers["authorization"] = f"Bearer {token}"
+        return decide(request(headers=all_headers, **where), self.snap, now, Ids(), self.cache)
+
+
+def make_world(
+    doc: Mapping[str, Any] | None = None,
+    *,
+    idp: Idp | None = None,
+    jwks: Mapping[str, Any] | None = None,
+    issuer_keys: Mapping[str, IssuerKeys] | None = None,
+    cached: bool = True,
+    scope: str = "profile.read",
+) -> World:
+    """A World for ``doc`` (default ``policy_doc()``), in memory: the trusted issuer's keys are
+    ``jwks`` (default the IdP's own) unless ``issuer_keys`` gives every issuer's."""
+    idp = idp or Idp(IDP_ISS)
+    policy = compile_doc(doc if doc is not None else policy_doc())
+    if issuer_keys is None:
+        issuer_keys = {IDP_ID: parse_jwks(json.dumps(jwks or idp.jwks()).encode("utf-8"))}
+    signing = new_signing_key()
+    snap = assemble(policy, issuer_keys, [signing])
+    return World(idp, signing, snap, LruSubjectCache() if cached else None, scope)
+
+
+def denied(decision: Decision, reason: Reason) -> None:
+    """A deny, for the documented reason, with nothing minted or signed, and not waved through
+    in shadow mode."""
+    assert decision.reason is reason, (decision.reason, decision.detail)
+    assert not decision.allowed
+    assert decision.token is None
+    assert decision.claims is None
+    assert not decision.shadow
+
+
+def allowed(decision: Decision, rule_id: str) -> dict[str, Any]:
+    """An allow by ``rule_id`` whose token carries exactly the decision's claims; those claims."""
+    assert decision.allowed, (decision.reason, decision.detail)
+    assert decision.rule is not None and decision.rule.id == rule_id
+    assert decision.token is not None and decision.claims is not None
+    assert dict(parse_compact(decision.token).claims) == dict(decision.claims)
+    return dict(decision.claims)

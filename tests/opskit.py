@@ -6,13 +6,16 @@ upstream and Envoy. Every wait here is a poll with a deadline, never a bare slee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from extauthz.decision.jose import (
     CompactJWS,
     SigningKey,
+    jwks_document,
     parse_compact,
     parse_jwks,
     verify_signature,
@@ -301,6 +305,107 @@ def tampered(idp: Idp) -> str:
     return one.rsplit(".", 1)[0] + "." + other.rsplit(".", 1)[1]
 
 
+# --- an issuer's JWKS endpoint ---------------------------------------------------------------
+
+JWKS_PATH = "/jwks.json"
+
+
+class _JwksHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _JwksHTTPServer
+
+    def do_GET(self) -> None:
+        # A client that gave up (the timeout tests) closes the connection under us.
+        with contextlib.suppress(ConnectionError):
+            self._answer()
+
+    def _answer(self) -> None:
+        control = self.server.control
+        control.record(self.path)
+        control.answering.wait(timeout=30)
+        if control.delay:
+            time.sleep(control.delay)
+        if self.path in control.redirects:
+            self.send_response(302)
+            self.send_header("Location", control.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = control.body
+        self.send_response(control.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if control.drip:
+            for byte in body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(control.drip)
+        else:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+class _JwksHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    control: JwksServer
+
+
+class JwksServer:
+    """An issuer's JWKS endpoint on 127.0.0.1 whose content and up/down state a test controls.
+
+    ``down()`` closes the port and ``up()`` opens it again on the same one. Every request is
+    recorded (monotonic time, path). While ``answering`` is clear, requests are held unanswered
+    (a slow issuer whose slowness the test ends, rather than a fixed sleep)."""
+
+    def __init__(self, *idps: Idp) -> None:
+        self.port = free_port()
+        self.body = b'{"keys": []}'
+        self.status = 200
+        self.delay = 0.0  # seconds before answering
+        self.drip = 0.0  # seconds between the body's bytes
+        self.redirects: dict[str, str] = {}
+        self.fetches: list[tuple[float, str]] = []
+        self.answering = threading.Event()
+        self.answering.set()
+        self._lock = threading.Lock()
+        self._server: _JwksHTTPServer | None = None
+        if idps:
+            self.publish(*idps)
+
+    def url(self, path: str = JWKS_PATH) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def publish(self, *idps: Idp) -> None:
+        self.body = json.dumps(jwks_document([i.key for i in idps])).encode()
+
+    def record(self, path: str) -> None:
+        with self._lock:
+            self.fetches.append((time.monotonic(), path))
+
+    def count(self, path: str = JWKS_PATH, since: float = 0.0) -> int:
+        with self._lock:
+            return sum(1 for at, p in self.fetches if p == path and at >= since)
+
+    def up(self) -> None:
+        assert self._server is None
+        server = _JwksHTTPServer(("127.0.0.1", self.port), _JwksHandler)
+        server.control = self
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        self._server = server
+
+    def down(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
 # --- ports -----------------------------------------------------------------------------------
 
 
@@ -334,13 +439,19 @@ def free_port_except(taken: Sequence[int]) -> int:
 
 
 class Slice:
-    """Envoy in front of the echo upstream, checking with the given sidecar process."""
+    """Envoy in front of the echo upstream, checking with the given sidecar process. Without
+    ``pki``, one is made for the three workloads of ``WORKLOADS``."""
 
     def __init__(
-        self, workdir: Path, sidecar: SidecarProcess, *, authz_ports: Sequence[int] = ()
+        self,
+        workdir: Path,
+        sidecar: SidecarProcess,
+        *,
+        authz_ports: Sequence[int] = (),
+        pki: Pki | None = None,
     ) -> None:
         self.workdir = workdir
-        self.pki: Pki = make_pki(workdir / "certs", WORKLOADS)
+        self.pki: Pki = pki or make_pki(workdir / "certs", WORKLOADS)
         self.echo = EchoServer()
         self.sidecar = sidecar
         self.authz_ports = list(authz_ports) or [sidecar.grpc_port]

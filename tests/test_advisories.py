@@ -10,151 +10,35 @@ model.) docs/security.md lists the advisories and why each does or does not appl
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import hashlib
-import hmac
 import importlib.metadata
-import itertools
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+import corekit as k
 import pytest
-import yaml
-from cryptography.hazmat.primitives import serialization
-from jwt.algorithms import get_default_algorithms
+from corekit import IDP_ISS, NOW, World, denied, hmac_token, public_key_secrets, sign_raw
 
 from extauthz.decision import jose
-from extauthz.decision.jose import (
-    generate_issuer_key,
-    generate_signing_key,
-    jwks_document,
-    parse_jwks,
-)
-from extauthz.decision.pipeline import CheckInput, Decision, decide
+from extauthz.decision.jose import generate_issuer_key, jwks_document
 from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.errors import PolicyError
-from extauthz.policy.compiler import compile_policy
-from extauthz.policy.loader import assemble
 
 ROOT = Path(__file__).resolve().parent.parent
-NOW = 1_700_000_000
-IDP_ISS = "https://idp.example.com"
-AUD = "https://shop.example.com"
-ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
-PROFILE = "spiffe://cluster.local/ns/shop/sa/profile"
-HOST = "profile.shop.svc.cluster.local"
-ALGS = get_default_algorithms()
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64json(value: Any) -> str:
-    return b64url(json.dumps(value, separators=(",", ":")).encode())
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
-    out = {
-        "iss": IDP_ISS,
-        "sub": "user-1",
-        "aud": AUD,
-        "iat": NOW,
-        "exp": NOW + 600,
-        "scope": "profile.read",
-    }
-    out.update(overrides)
-    return out
+    """A good subject-token claim set at NOW (``None`` removes a claim)."""
+    return k.subject_claims(NOW, **overrides)
 
 
-def policy_doc(algorithms: list[str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "extauthz/v1",
-        "kind": "ExchangePolicy",
-        "exchange": {"issuer": "https://exchange.shop.svc"},
-        "trustedIssuers": [
-            {
-                "id": "corp-idp",
-                "issuer": IDP_ISS,
-                "jwks": {"file": "corp-idp.json"},
-                "audiences": [AUD],
-                "algorithms": algorithms,
-            }
-        ],
-        "workloads": {"trustDomains": ["cluster.local"]},
-        "rules": [
-            {
-                "id": "orders-read-profile",
-                "purpose": "Orders shows the customer's profile on an order page",
-                "match": {
-                    "workloads": [ORDERS],
-                    "host": HOST,
-                    "methods": ["GET"],
-                    "paths": ["/v1/customers/{id}"],
-                    "issuers": ["corp-idp"],
-                },
-                "require": {"scopes": ["profile.read"]},
-                "grant": {"audience": PROFILE, "scopes": ["profile.read"], "ttl": "30s"},
-            }
-        ],
-    }
-
-
-class Sidecar:
-    """A Snapshot for one issuer whose JWKS holds ``keys``; ``ask`` runs core.decide."""
-
-    def __init__(self, keys: list[jose.SigningKey], algorithms: list[str]) -> None:
-        policy = compile_policy(yaml.safe_dump(policy_doc(algorithms)), source="advisory.yaml")
-        issuer_keys = parse_jwks(json.dumps(jwks_document(keys)).encode())
-        self.snap = assemble(policy, {"corp-idp": issuer_keys}, [generate_signing_key()])
-
-    def ask(self, token: str) -> Decision:
-        inp = CheckInput(
-            "GET", HOST, "/v1/customers/42", {"authorization": f"Bearer {token}"}, ORDERS
-        )
-        counter = itertools.count()
-        return decide(inp, self.snap, NOW, lambda: f"jti-{next(counter)}")
-
-
-def denied(decision: Decision, reason: Reason) -> None:
-    assert decision.reason is reason, (decision.reason, decision.detail)
-    assert decision.token is None and decision.claims is None
-
-
-def sign(key: jose.SigningKey, header: dict[str, Any], body: dict[str, Any], alg: str = "") -> str:
-    head, payload = b64json(header), b64json(body)
-    signature = ALGS[alg or key.alg].sign(f"{head}.{payload}".encode(), key.private_key)
-    return f"{head}.{payload}.{b64url(signature)}"
-
-
-def hmac_token(alg: str, header: dict[str, Any], body: dict[str, Any], secret: bytes) -> str:
-    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
-    head, payload = b64json(header), b64json(body)
-    mac = hmac.new(secret, f"{head}.{payload}".encode(), digest).digest()
-    return f"{head}.{payload}.{b64url(mac)}"
-
-
-def public_key_encodings(key: jose.SigningKey) -> dict[str, bytes]:
-    """Every way an attacker might serialise the issuer's PUBLIC key to use it as a secret."""
-    public = key.private_key.public_key()
-    fmt = serialization.PublicFormat
-    enc = serialization.Encoding
-    out = {
-        "pem-spki": public.public_bytes(enc.PEM, fmt.SubjectPublicKeyInfo),
-        "der-spki": public.public_bytes(enc.DER, fmt.SubjectPublicKeyInfo),
-        "jwk": json.dumps(dict(key.public_jwk)).encode(),
-        "jwk-compact": json.dumps(dict(key.public_jwk), separators=(",", ":")).encode(),
-        "jwks": json.dumps(jwks_document([key])).encode(),
-    }
-    with contextlib.suppress(ValueError):  # OpenSSH has no encoding for some curves
-        out["openssh"] = public.public_bytes(enc.OpenSSH, fmt.OpenSSH)
-    with contextlib.suppress(ValueError):  # PKCS#1 is for RSA keys only
-        out["pem-pkcs1"] = public.public_bytes(enc.PEM, fmt.PKCS1)
-    return out
+def sidecar(keys: list[jose.SigningKey], algorithms: list[str]) -> World:
+    """The test policy's one rule, for one issuer whose JWKS holds ``keys`` and who lists
+    ``algorithms``; no subject cache, so every ask verifies afresh."""
+    doc = k.policy_doc(issuers=[k.issuer_doc(algorithms=algorithms)])
+    return k.make_world(doc, jwks=jwks_document(keys), cached=False)
 
 
 # --- CVE-2022-29217: algorithm confusion through key formats ----------------------------------
@@ -168,10 +52,10 @@ def test_cve_2022_29217_public_key_as_hmac_secret(issuer_alg: str, hmac_alg: str
     the HMAC secret. Our pipeline: HMAC is in no issuer's list and not in our algorithm table,
     so every encoding of the public key, with or without kid, is refused before any key use."""
     idp = generate_issuer_key(issuer_alg)
-    sidecar = Sidecar([idp], [issuer_alg])
-    for name, secret in public_key_encodings(idp).items():
+    world = sidecar([idp], [issuer_alg])
+    for name, secret in public_key_secrets(idp).items():
         for header in ({"alg": hmac_alg, "kid": idp.kid}, {"alg": hmac_alg}):
-            decision = sidecar.ask(hmac_token(hmac_alg, header, claims(), secret))
+            decision = world.ask(hmac_token(hmac_alg, header, claims(), secret))
             assert decision.reason is Reason.ALGORITHM_NOT_ALLOWED, name
             assert decision.token is None
 
@@ -183,7 +67,7 @@ def test_cve_2022_29217_hmac_cannot_be_configured_or_verified() -> None:
     assert "none" not in {a.lower() for a in jose.SUPPORTED_ALGORITHMS}
     for bad in (["HS256"], ["ES256", "HS256"], ["none"], ["ES256", "HS512"]):
         with pytest.raises(PolicyError) as info:
-            compile_policy(yaml.safe_dump(policy_doc(bad)), source="advisory.yaml")
+            k.compile_doc(k.policy_doc(issuers=[k.issuer_doc(algorithms=bad)]))
         assert any(p.field == "algorithms" for p in info.value.problems)
 
 
@@ -200,19 +84,19 @@ def test_cve_2026_48526_jwk_as_hmac_secret_with_mixed_families() -> None:
         generate_issuer_key("ES256"),
         generate_issuer_key("EdDSA"),
     )
-    sidecar = Sidecar([rsa, ec, ed], ["RS256", "PS256", "ES256", "EdDSA"])
+    world = sidecar([rsa, ec, ed], ["RS256", "PS256", "ES256", "EdDSA"])
     for key in (rsa, ec, ed):
         for secret in (
             json.dumps(dict(key.public_jwk)).encode(),
             json.dumps(dict(key.public_jwk), separators=(",", ":")).encode(),
         ):
             token = hmac_token("HS256", {"alg": "HS256", "kid": key.kid}, claims(), secret)
-            denied(sidecar.ask(token), Reason.ALGORITHM_NOT_ALLOWED)
+            denied(world.ask(token), Reason.ALGORITHM_NOT_ALLOWED)
     # The same issuer's genuine tokens still verify, so the denies are not an accident.
     for key in (rsa, ec, ed):
-        assert sidecar.ask(sign(key, {"alg": key.alg, "kid": key.kid}, claims())).allowed
+        assert world.ask(sign_raw(key, {"alg": key.alg, "kid": key.kid}, claims())).allowed
     # And every published key is bound to the algorithms of its own type, never HMAC.
-    for vk in sidecar.snap.issuer_keys["corp-idp"].by_kid.values():
+    for vk in world.snap.issuer_keys["corp-idp"].by_kid.values():
         assert vk.algorithms and not any(a.startswith("HS") for a in vk.algorithms)
 
 
@@ -226,12 +110,12 @@ def test_cve_2026_48523_header_alg_is_the_alg_that_verifies() -> None:
     key's type, and it is the algorithm the signature is verified with: an RSA key whose issuer
     allows only PS256 does not accept an RS256 (PKCS#1 v1.5) signature labelled PS256."""
     rsa = generate_issuer_key("PS256")
-    sidecar = Sidecar([rsa], ["PS256"])
-    mislabelled = sign(rsa, {"alg": "PS256", "kid": rsa.kid}, claims(), alg="RS256")
-    denied(sidecar.ask(mislabelled), Reason.SIGNATURE_INVALID)
-    honest_rs256 = sign(rsa, {"alg": "RS256", "kid": rsa.kid}, claims(), alg="RS256")
-    denied(sidecar.ask(honest_rs256), Reason.ALGORITHM_NOT_ALLOWED)
-    assert sidecar.ask(sign(rsa, {"alg": "PS256", "kid": rsa.kid}, claims())).allowed
+    world = sidecar([rsa], ["PS256"])
+    mislabelled = sign_raw(rsa, {"alg": "PS256", "kid": rsa.kid}, claims(), alg="RS256")
+    denied(world.ask(mislabelled), Reason.SIGNATURE_INVALID)
+    honest_rs256 = sign_raw(rsa, {"alg": "RS256", "kid": rsa.kid}, claims(), alg="RS256")
+    denied(world.ask(honest_rs256), Reason.ALGORITHM_NOT_ALLOWED)
+    assert world.ask(sign_raw(rsa, {"alg": "PS256", "kid": rsa.kid}, claims())).allowed
 
 
 # --- CVE-2024-53861: partial issuer match ------------------------------------------------------
@@ -253,16 +137,16 @@ def test_cve_2024_53861_partial_issuer_match(iss: str) -> None:
     """CVE-2024-53861 (PyJWT 2.10.0): `iss` was compared with `in`, so a substring of the
     expected issuer passed. Our issuer is chosen by exact string equality (a dict lookup)."""
     idp = Idp(IDP_ISS)
-    sidecar = Sidecar([idp.key], ["ES256"])
-    denied(sidecar.ask(idp.key.sign(claims(iss=iss), "at+jwt")), Reason.ISSUER_UNTRUSTED)
+    world = sidecar([idp.key], ["ES256"])
+    denied(world.ask(idp.key.sign(claims(iss=iss), "at+jwt")), Reason.ISSUER_UNTRUSTED)
 
 
 @pytest.mark.parametrize("iss", [[IDP_ISS], [IDP_ISS, "x"], ["idp.example"], {"iss": IDP_ISS}])
 def test_cve_2024_53861_issuer_of_another_type(iss: Any) -> None:
     """The same class through types: an `iss` list "containing" the issuer is not a string."""
     idp = Idp(IDP_ISS)
-    sidecar = Sidecar([idp.key], ["ES256"])
-    denied(sidecar.ask(idp.key.sign(claims(iss=iss), "at+jwt")), Reason.CLAIM_INVALID)
+    world = sidecar([idp.key], ["ES256"])
+    denied(world.ask(idp.key.sign(claims(iss=iss), "at+jwt")), Reason.CLAIM_INVALID)
 
 
 # --- CVE-2026-32597: crit not enforced --------------------------------------------------------
@@ -277,11 +161,11 @@ def test_cve_2026_32597_crit_header_is_refused(crit: Any) -> None:
     extensions PyJWT does not understand were accepted, against RFC 7515 4.1.11. We understand
     no extension, so a `crit` member of any value (even null or empty) refuses the token."""
     idp = Idp(IDP_ISS)
-    sidecar = Sidecar([idp.key], ["ES256"])
+    world = sidecar([idp.key], ["ES256"])
     header = {"alg": "ES256", "kid": idp.key.kid, "typ": "at+jwt", "crit": crit}
     if crit == ["b64"]:
         header["b64"] = False
-    denied(sidecar.ask(sign(idp.key, header, claims())), Reason.HEADER_UNSUPPORTED)
+    denied(world.ask(sign_raw(idp.key, header, claims())), Reason.HEADER_UNSUPPORTED)
 
 
 # --- GHSA-hxm8-2xgr-2p9m: non-canonical signature segments -----------------------------------
@@ -294,10 +178,10 @@ def test_ghsa_hxm8_non_base64url_signature_characters(suffix: str) -> None:
     bypass for anyone keying state on the raw token). We accept only the base64url alphabet in
     every segment (our subject cache is keyed by the exact token text)."""
     idp = Idp(IDP_ISS)
-    sidecar = Sidecar([idp.key], ["ES256"])
+    world = sidecar([idp.key], ["ES256"])
     token = idp.key.sign(claims(), "at+jwt")
-    assert sidecar.ask(token).allowed
-    denied(sidecar.ask(token + suffix), Reason.TOKEN_MALFORMED)
+    assert world.ask(token).allowed
+    denied(world.ask(token + suffix), Reason.TOKEN_MALFORMED)
 
 
 # --- dependencies --------------------------------------------------------------------------------

@@ -6,245 +6,103 @@ in a deny with the documented reason code (docs/policy.md "Reason codes") and no
 ``decision.token is None and decision.claims is None``. Where a case is a deliberate ACCEPT (a
 documented decision), the test says so and checks that what was minted is still narrow.
 
-The Snapshot is built in memory (policy text compiled with ``compile_policy``, issuer keys from
-a demo ``Idp``'s JWKS through ``parse_jwks``, our key from ``generate_signing_key``), exactly as
-``loader.assemble`` pairs them. No file, clock or network is used: an autouse
-fixture makes any socket use fail the test.
+The Snapshot is built in memory by ``corekit.make_world`` (the policy compiled, issuer keys from
+a demo ``Idp``'s JWKS through ``parse_jwks``, our key from ``generate_signing_key``, paired by
+``loader.assemble``). No file, clock or network is used: an autouse fixture makes any socket
+use fail the test.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
-import itertools
 import json
 import socket
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+import corekit as k
 import pytest
-import yaml
-from cryptography.hazmat.primitives import serialization
+from corekit import (
+    CHECKOUT,
+    EXCHANGE_ISS,
+    HOST,
+    IDP_AUD,
+    IDP_ISS,
+    NOW,
+    ORDERS,
+    PAYMENTS,
+    PROFILE,
+    World,
+    allowed,
+    b64json,
+    b64url,
+    denied,
+    hmac_token,
+    sign_parts,
+    sign_raw,
+)
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from jwt.algorithms import get_default_algorithms
 
-from extauthz.decision.authenticate import LruSubjectCache
 from extauthz.decision.jose import (
+    IssuerKeys,
     SigningKey,
     generate_issuer_key,
     generate_signing_key,
     jwks_document,
-    parse_compact,
-    parse_jwks,
 )
-from extauthz.decision.model import Snapshot
-from extauthz.decision.pipeline import CheckInput, Decision, decide
+from extauthz.decision.pipeline import decide
 from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
-from extauthz.policy.compiler import compile_policy
-from extauthz.policy.loader import assemble
 from extauthz.serve.edge import check_input
 
-NOW = 1_700_000_000.0
-EXCHANGE_ISS = "https://exchange.shop.svc"
-IDP_ISS = "https://idp.example.com"
-IDP_ID = "corp-idp"
-IDP_AUD = "https://shop.example.com"
-TD = "cluster.local"
-ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
-CHECKOUT = "spiffe://cluster.local/ns/shop/sa/checkout"
-PROFILE = "spiffe://cluster.local/ns/shop/sa/profile"
-PAYMENTS = "spiffe://cluster.local/ns/shop/sa/payments"
 GATEWAY = "spiffe://cluster.local/ns/edge/sa/gateway"
 EVIL = "spiffe://cluster.local/ns/guest/sa/evil"
-HOST = "profile.shop.svc.cluster.local"
 CUSTOMER = "/v1/customers/42"
 DEFAULT_SCOPE = "profile.read charges.read"
-SIG_ALGS = get_default_algorithms()
 
 
-# --- building blocks ------------------------------------------------------------------------------
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64json(value: Any) -> str:
-    return b64url(json.dumps(value, separators=(",", ":")).encode("utf-8"))
-
-
-def sign_parts(key: SigningKey, head: str, body: str) -> str:
-    """Validly sign already-encoded header and payload segments with ``key``."""
-    signature = SIG_ALGS[key.alg].sign(f"{head}.{body}".encode("ascii"), key.private_key)
-    return f"{head}.{body}.{b64url(signature)}"
-
-
-def sign_raw(key: SigningKey, header: Mapping[str, Any], claims: Mapping[str, Any]) -> str:
-    """A token validly signed by ``key`` with any header we like (alg confusion, crit, ...)."""
-    return sign_parts(key, b64json(header), b64json(claims))
-
-
-def hmac_token(
-    alg: str, header: Mapping[str, Any], claims: Mapping[str, Any], secret: bytes
-) -> str:
-    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
-    head, body = b64json(header), b64json(claims)
-    mac = hmac.new(secret, f"{head}.{body}".encode("ascii"), digest).digest()
-    return f"{head}.{body}.{b64url(mac)}"
-
-
-def subject_claims(**overrides: Any) -> dict[str, Any]:
-    """A good subject-token claim set; an override of ``None`` removes that claim."""
-    claims: dict[str, Any] = {
-        "iss": IDP_ISS,
-        "sub": "user-1",
-        "aud": IDP_AUD,
-        "iat": int(NOW),
-        "exp": int(NOW) + 600,
-        "jti": "subject-jti",
-        "scope": DEFAULT_SCOPE,
-    }
-    for name, value in overrides.items():
-        if value is None:
-            claims.pop(name, None)
-        else:
-            claims[name] = value
-    return claims
-
-
-def rule(
-    rule_id: str,
+def attack_policy(
     *,
-    path: str,
-    audience: str,
-    scope: str,
-    workloads: Sequence[str] = (ORDERS,),
-    issuers: Sequence[str] = (IDP_ID,),
-    **extra: Any,
-) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "id": rule_id,
-        "purpose": f"attack suite rule {rule_id}",
-        "match": {
-            "workloads": list(workloads),
-            "host": HOST,
-            "methods": ["GET"],
-            "paths": [path],
-            "issuers": list(issuers),
-        },
-        "require": {"scopes": [scope]},
-        "grant": {"audience": audience, "scopes": [scope], "ttl": "30s"},
-    }
-    doc.update(extra)
-    return doc
-
-
-def policy_text(
-    *,
-    algorithms: Sequence[str] = ("ES256",),
-    token_types: Sequence[str] | None = None,
-    trusted_hops: Sequence[str] = (),
+    algorithms: tuple[str, ...] | list[str] = ("ES256",),
+    token_types: list[str] | None = None,
+    trusted_hops: tuple[str, ...] | list[str] = (),
     reexchange: bool = False,
     max_token_bytes: int | None = None,
-) -> str:
+) -> dict[str, Any]:
     """The attack suite's policy: two rules on one host, so a request that is confused about its
-    path visibly lands on the wrong rule (different audience) instead of merely being allowed."""
-    issuer: dict[str, Any] = {
-        "id": IDP_ID,
-        "issuer": IDP_ISS,
-        "jwks": {"file": "issuers/corp-idp.json"},  # never read: keys are passed in memory
-        "audiences": [IDP_AUD],
-        "algorithms": list(algorithms),
-    }
-    if token_types is not None:
-        issuer["tokenTypes"] = list(token_types)
-    exchange: dict[str, Any] = {"issuer": EXCHANGE_ISS, "maxTtl": "300s"}
-    if max_token_bytes is not None:
-        exchange["maxTokenBytes"] = max_token_bytes
-    workloads: dict[str, Any] = {"trustDomains": [TD]}
-    if trusted_hops:
-        workloads["xfcc"] = {"trustedHops": list(trusted_hops)}
-    profile = rule(
-        "orders-read-profile", path="/v1/customers/{id}", audience=PROFILE, scope="profile.read"
-    )
+    path visibly lands on the wrong rule (different audience) instead of merely being allowed.
+    The issuer's JWKS file is never read: keys are passed in memory."""
+    profile = k.rule_doc("orders-read-profile", audience=PROFILE)
     if reexchange:
         profile["reexchange"] = True
-    charges = rule(
-        "orders-list-charges", path="/v1/charges", audience=PAYMENTS, scope="charges.read"
+    charges = k.rule_doc(
+        "orders-list-charges",
+        paths=["/v1/charges"],
+        audience=PAYMENTS,
+        require=["charges.read"],
+        scopes=["charges.read"],
     )
-    doc = {
-        "apiVersion": "extauthz/v1",
-        "kind": "ExchangePolicy",
-        "exchange": exchange,
-        "trustedIssuers": [issuer],
-        "workloads": workloads,
-        "rules": [profile, charges],
-        "default": "deny",
-    }
-    return yaml.safe_dump(doc, sort_keys=False)
-
-
-@dataclass
-class World:
-    """One sidecar (a Snapshot and its subject cache) and the identity provider it trusts."""
-
-    idp: Idp
-    signing: SigningKey
-    snap: Snapshot
-    cache: LruSubjectCache = field(default_factory=LruSubjectCache)
-
-    def token(self, typ: str = "at+jwt", **claims: Any) -> str:
-        return self.idp.key.sign(subject_claims(**claims), typ)
-
-    def raw(self, header: Mapping[str, Any], **claims: Any) -> str:
-        """Validly signed by the trusted IdP, with an arbitrary header."""
-        return sign_raw(self.idp.key, header, subject_claims(**claims))
-
-    def header(self, **extra: Any) -> dict[str, Any]:
-        return {"alg": self.idp.key.alg, "kid": self.idp.key.kid, "typ": "at+jwt", **extra}
-
-    def ask(
-        self,
-        token: str | None = None,
-        *,
-        authorization: str | None = None,
-        principal: str = ORDERS,
-        path: str = CUSTOMER,
-        method: str = "GET",
-        host: str = HOST,
-        headers: Mapping[str, str] | None = None,
-        now: float = NOW,
-    ) -> Decision:
-        all_headers = dict(headers or {})
-        if authorization is not None:
-            all_headers["authorization"] = authorization
-        elif token is not None:
-            all_headers["authorization"] = f"Bearer {token}"
-        inp = CheckInput(method, host, path, all_headers, principal)
-        return decide(inp, self.snap, now, _ids(), self.cache)
-
-
-def _ids() -> Any:
-    counter = itertools.count(1)
-    return lambda: f"jti-{next(counter)}"
+    exchange = {} if max_token_bytes is None else {"maxTokenBytes": max_token_bytes}
+    return k.policy_doc(
+        [profile, charges],
+        trusted_hops=trusted_hops,
+        issuers=[k.issuer_doc(algorithms=algorithms, token_types=token_types)],
+        exchange=exchange,
+    )
 
 
 def make_world(
+    doc: dict[str, Any] | None = None,
     *,
     idp: Idp | None = None,
-    jwks: Mapping[str, Any] | None = None,
-    signing: SigningKey | None = None,
+    jwks: dict[str, Any] | None = None,
+    issuer_keys: dict[str, IssuerKeys] | None = None,
     **policy_kw: Any,
 ) -> World:
-    idp = idp or Idp(IDP_ISS)
-    policy = compile_policy(policy_text(**policy_kw), source="attacks.yaml")
-    keys = parse_jwks(json.dumps(jwks or idp.jwks()).encode("utf-8"))
-    signing = signing or generate_signing_key()
-    return World(idp, signing, assemble(policy, {IDP_ID: keys}, [signing]))
+    """A World on ``doc`` (default the attack policy) whose subject tokens hold the scopes of
+    both rules."""
+    doc = doc if doc is not None else attack_policy(**policy_kw)
+    return k.make_world(doc, idp=idp, jwks=jwks, issuer_keys=issuer_keys, scope=DEFAULT_SCOPE)
 
 
 @pytest.fixture(scope="module")
@@ -270,23 +128,6 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-def denied(decision: Decision, reason: Reason) -> None:
-    """A deny, for the documented reason, with nothing minted or signed."""
-    assert decision.reason is reason, (decision.reason, decision.detail)
-    assert not decision.allowed
-    assert decision.token is None
-    assert decision.claims is None
-    assert not decision.shadow
-
-
-def allowed(decision: Decision, rule_id: str) -> dict[str, Any]:
-    assert decision.allowed, (decision.reason, decision.detail)
-    assert decision.rule is not None and decision.rule.id == rule_id
-    assert decision.token is not None and decision.claims is not None
-    assert dict(parse_compact(decision.token).claims) == dict(decision.claims)
-    return dict(decision.claims)
-
-
 def test_the_attack_world_allows_the_honest_request(world: World) -> None:
     """Control: the baseline request is allowed, so every deny below is the attack's doing."""
     claims = allowed(world.ask(world.token()), "orders-read-profile")
@@ -302,38 +143,28 @@ def test_the_attack_world_allows_the_honest_request(world: World) -> None:
 def test_alg_none_any_case(world: World, alg: str, signature: str) -> None:
     """Attack: an unsecured JWS (`alg: none`, any letter case). Defence: `alg` must be in the
     issuer's list (asymmetric only); with an empty signature the compact form is malformed."""
-    token = f"{b64json({'alg': alg, 'typ': 'at+jwt'})}.{b64json(subject_claims())}.{signature}"
+    token = f"{b64json({'alg': alg, 'typ': 'at+jwt'})}.{b64json(world.claims())}.{signature}"
     expected = Reason.TOKEN_MALFORMED if signature == "" else Reason.ALGORITHM_NOT_ALLOWED
     denied(world.ask(token), expected)
 
 
-def _public_secret(world: World, fmt: str) -> bytes:
-    public = world.idp.key.private_key.public_key()
-    if fmt == "pem":
-        return public.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    if fmt == "der":
-        return public.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    if fmt == "jwk":
-        return json.dumps(world.idp.jwks()["keys"][0]).encode()
-    return json.dumps(world.idp.jwks()).encode()  # the whole JWKS document
+# Every serialisation k.public_key_secrets has for the IdP's EC P-256 key.
+PUBLIC_KEY_FORMATS = ["pem-spki", "der-spki", "jwk", "jwk-compact", "jwks", "openssh"]
 
 
 @pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
-@pytest.mark.parametrize("fmt", ["pem", "der", "jwk", "jwks"])
+@pytest.mark.parametrize("fmt", PUBLIC_KEY_FORMATS)
 @pytest.mark.parametrize("with_kid", [True, False])
 def test_hmac_signed_with_the_issuers_public_key(
     world: World, alg: str, fmt: str, with_kid: bool
 ) -> None:
-    """Attack: algorithm confusion, the issuer's PUBLIC key (PEM, DER, JWK or JWKS JSON) used as
-    an HMAC secret. Defence: HMAC is in no issuer's list and not even in our algorithm table."""
+    """Attack: algorithm confusion, the issuer's PUBLIC key (PEM, DER, JWK, JWKS JSON or OpenSSH)
+    used as an HMAC secret. Defence: HMAC is in no issuer's list and not even in our algorithm
+    table."""
     header: dict[str, Any] = {"alg": alg, "typ": "at+jwt"}
     if with_kid:
         header["kid"] = world.idp.key.kid
-    token = hmac_token(alg, header, subject_claims(), _public_secret(world, fmt))
+    token = hmac_token(alg, header, world.claims(), k.public_key_secrets(world.idp.key)[fmt])
     denied(world.ask(token), Reason.ALGORITHM_NOT_ALLOWED)
 
 
@@ -364,7 +195,7 @@ def test_key_of_one_type_with_another_algorithm(
     header: dict[str, Any] = {"alg": alg, "typ": "at+jwt"}
     if with_kid:
         header["kid"] = multi_world.idp.key.kid  # the issuer's EC key
-    denied(multi_world.ask(sign_raw(attacker, header, subject_claims())), Reason.KEY_UNKNOWN)
+    denied(multi_world.ask(sign_raw(attacker, header, multi_world.claims())), Reason.KEY_UNKNOWN)
     # the issuer's own key still works for the one algorithm it is for
     allowed(multi_world.ask(multi_world.token()), "orders-read-profile")
 
@@ -377,7 +208,7 @@ def test_algorithm_the_issuer_does_not_list_even_with_a_real_key() -> None:
     es384 = generate_issuer_key("ES384")
     w = make_world(idp=idp, jwks=jwks_document([idp.key, es384]), algorithms=["ES256"])
     header = {"alg": "ES384", "kid": es384.kid, "typ": "at+jwt"}
-    denied(w.ask(sign_raw(es384, header, subject_claims())), Reason.ALGORITHM_NOT_ALLOWED)
+    denied(w.ask(sign_raw(es384, header, w.claims())), Reason.ALGORITHM_NOT_ALLOWED)
     allowed(w.ask(w.token()), "orders-read-profile")
 
 
@@ -454,7 +285,7 @@ def test_embedded_or_remote_attacker_keys(world: World, index: int, kid: str) ->
         header["kid"] = attacker.kid
     elif kid == "issuer":
         header["kid"] = world.idp.key.kid
-    decision = world.ask(sign_raw(attacker, header, subject_claims()))
+    decision = world.ask(sign_raw(attacker, header, world.claims()))
     expected = Reason.KEY_UNKNOWN if kid == "attacker" else Reason.SIGNATURE_INVALID
     denied(decision, expected)
 
@@ -484,13 +315,13 @@ def test_b64_false_unencoded_payload_is_not_understood(world: World) -> None:
     """Attack: RFC 7797 unencoded payload (`b64: false`) without `crit`, signed over the RAW
     payload as RFC 7797 defines. Defence: `b64` is ignored, so the payload segment must still be
     base64url JSON and the signature is checked over the encoded form: it cannot verify."""
-    payload = json.dumps(subject_claims(), separators=(",", ":"))
+    payload = json.dumps(world.claims(), separators=(",", ":"))
     head = b64json(world.header(b64=False))
-    signature = SIG_ALGS["ES256"].sign(f"{head}.{payload}".encode(), world.idp.key.private_key)
+    signature = sign_parts(world.idp.key, head, payload).rsplit(".", 1)[1]
     # As transmitted with a detached payload (RFC 7797 section 5.2): header..signature.
-    denied(world.ask(f"{head}..{b64url(signature)}"), Reason.TOKEN_MALFORMED)
+    denied(world.ask(f"{head}..{signature}"), Reason.TOKEN_MALFORMED)
     # Re-attached in base64url form, the RFC 7797 signature does not cover it.
-    encoded = f"{head}.{b64url(payload.encode())}.{b64url(signature)}"
+    encoded = f"{head}.{b64url(payload.encode())}.{signature}"
     denied(world.ask(encoded), Reason.SIGNATURE_INVALID)
 
 
@@ -712,12 +543,12 @@ def test_minted_token_replayed_by_its_caller_where_reexchange_is_allowed() -> No
 def test_token_claiming_our_issuer_signed_by_someone_else(world: World) -> None:
     """Attack: a token with `iss` = the exchange, signed by another key (the IdP's, whose kid is
     not ours). Defence: tokens claiming our issuer verify only against our own keys."""
-    token = world.idp.key.sign(subject_claims(iss=EXCHANGE_ISS, aud=ORDERS), "at+jwt")
+    token = world.idp.key.sign(world.claims(iss=EXCHANGE_ISS, aud=ORDERS), "at+jwt")
     denied(world.ask(token), Reason.KEY_UNKNOWN)
     forger = generate_signing_key()
     header = {"alg": "ES256", "kid": world.signing.kid, "typ": "at+jwt"}
     denied(
-        world.ask(sign_raw(forger, header, subject_claims(iss=EXCHANGE_ISS, aud=ORDERS))),
+        world.ask(sign_raw(forger, header, world.claims(iss=EXCHANGE_ISS, aud=ORDERS))),
         Reason.SIGNATURE_INVALID,
     )
 
@@ -752,15 +583,11 @@ def test_minted_at_jwt_presented_to_an_issuer_that_accepts_only_jwt() -> None:
     assert minted.token is not None
 
     def second(token_types: list[str]) -> World:
-        text = policy_text(token_types=token_types)
-        doc = yaml.safe_load(text)
+        doc = attack_policy(token_types=token_types)
         doc["exchange"]["issuer"] = "https://exchange-b.shop.svc"
         doc["trustedIssuers"][0].update(issuer=EXCHANGE_ISS, audiences=[PROFILE])
         doc["rules"][0]["match"]["workloads"] = [PROFILE]
-        policy = compile_policy(yaml.safe_dump(doc), source="second.yaml")
-        keys = parse_jwks(json.dumps(jwks_document([first.signing])).encode())
-        snap = assemble(policy, {IDP_ID: keys}, [generate_signing_key()])
-        return World(first.idp, generate_signing_key(), snap)
+        return make_world(doc, idp=first.idp, jwks=jwks_document([first.signing]))
 
     strict = second(["JWT"])
     denied(strict.ask(minted.token, principal=PROFILE), Reason.TOKEN_TYPE_INVALID)
@@ -776,9 +603,9 @@ def _malformed_tokens(w: World) -> dict[str, str]:
     good = w.token()
     head, body, sig = good.split(".")
     dup_header = b64url(b'{"alg":"ES256","kid":"%s","alg":"none"}' % w.idp.key.kid.encode())
-    dup_claims = json.dumps(subject_claims())[:-1] + ', "sub": "admin"}'
+    dup_claims = json.dumps(w.claims())[:-1] + ', "sub": "admin"}'
     nan_header = b64url(b'{"alg":NaN}')
-    non_utf8 = json.dumps(subject_claims(sub="user-X")).encode().replace(b"user-X", b"user-\xff")
+    non_utf8 = json.dumps(w.claims(sub="user-X")).encode().replace(b"user-X", b"user-\xff")
     return {
         "two parts": f"{head}.{body}",
         "four parts": f"{good}.{sig}",
@@ -797,7 +624,7 @@ def _malformed_tokens(w: World) -> dict[str, str]:
         "duplicate sub in payload": sign_parts(w.idp.key, head, b64url(dup_claims.encode())),
         "non-UTF-8 payload": sign_parts(w.idp.key, head, b64url(non_utf8)),
         "UTF-16 payload": sign_parts(
-            w.idp.key, head, b64url(json.dumps(subject_claims()).encode("utf-16"))
+            w.idp.key, head, b64url(json.dumps(w.claims()).encode("utf-16"))
         ),
         "bad base64 length": f"{head}.{body}A.{sig}",
     }
@@ -898,7 +725,7 @@ def test_two_authorization_headers_through_the_edge(world: World) -> None:
             request=attribute_context_pb2.AttributeContext.Request(http=http),
         )
     )
-    decision = decide(check_input(request), world.snap, NOW, _ids())
+    decision = decide(check_input(request), world.snap, NOW, k.Ids())
     denied(decision, Reason.TOKEN_MALFORMED)
 
 
@@ -951,27 +778,22 @@ def test_token_of_a_trusted_issuer_the_rule_does_not_accept() -> None:
     the corporate `iss` with its own key. Defence: rules name their issuers, and a token is
     verified only with the keys of the issuer its `iss` names."""
     corp, partner = Idp(IDP_ISS), Idp("https://partner.example.org", alg="EdDSA")
-    doc = yaml.safe_load(policy_text())
+    doc = attack_policy()
     doc["trustedIssuers"].append(
-        {
-            "id": "partner-idp",
-            "issuer": partner.issuer,
-            "jwks": {"file": "issuers/partner.json"},
-            "audiences": [IDP_AUD],
-            "algorithms": ["EdDSA"],
-        }
+        k.issuer_doc(
+            ident="partner-idp",
+            issuer=partner.issuer,
+            jwks_file="issuers/partner.json",
+            algorithms=["EdDSA"],
+        )
     )
-    policy = compile_policy(yaml.safe_dump(doc), source="two-issuers.yaml")
-    keys = {
-        IDP_ID: parse_jwks(json.dumps(corp.jwks()).encode()),
-        "partner-idp": parse_jwks(json.dumps(partner.jwks()).encode()),
-    }
-    w = World(corp, generate_signing_key(), assemble(policy, keys, [generate_signing_key()]))
-    partner_token = partner.key.sign(subject_claims(iss=partner.issuer), "at+jwt")
+    keys = {k.IDP_ID: k.issuer_keys(corp), "partner-idp": k.issuer_keys(partner)}
+    w = make_world(doc, idp=corp, issuer_keys=keys)
+    partner_token = partner.key.sign(w.claims(iss=partner.issuer), "at+jwt")
     denied(w.ask(partner_token), Reason.NO_RULE)
-    posing = sign_raw(partner.key, {"alg": "EdDSA", "kid": partner.key.kid}, subject_claims())
+    posing = sign_raw(partner.key, {"alg": "EdDSA", "kid": partner.key.kid}, w.claims())
     denied(w.ask(posing), Reason.ALGORITHM_NOT_ALLOWED)  # corp-idp allows ES256 only
-    posing = sign_raw(partner.key, {"alg": "ES256", "kid": partner.key.kid}, subject_claims())
+    posing = sign_raw(partner.key, {"alg": "ES256", "kid": partner.key.kid}, w.claims())
     denied(w.ask(posing), Reason.KEY_UNKNOWN)  # the partner's kid is no corp key
     allowed(w.ask(w.token()), "orders-read-profile")
 

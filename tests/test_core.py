@@ -60,8 +60,7 @@ def make_env(
 ) -> Env:
     idp = Idp(k.IDP_ISS)
     key = k.new_signing_key()
-    doc = k.policy_doc(rules, **policy_kw)
-    doc["exchange"].update(exchange or {})
+    doc = k.policy_doc(rules, exchange=exchange, **policy_kw)
     snap = k.snapshot_on_disk(tmp_path, doc, idp, key)
     return Env(idp, key, snap, k.Ids())
 
@@ -314,18 +313,13 @@ def test_unsecured_jws_with_empty_signature_is_refused(env: Env) -> None:
     assert env.ask(token).token is None
 
 
-@pytest.mark.parametrize("fmt", ["pem", "jwk"])
+@pytest.mark.parametrize("fmt", ["pem-spki", "jwk"])
 def test_hs256_with_the_public_key_as_secret(env: Env, fmt: str) -> None:
     """Algorithm confusion: the issuer's public key used as an HMAC secret."""
-    public = env.idp.key.private_key.public_key()
-    if fmt == "pem":
-        secret = public.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    else:
-        secret = json.dumps(env.idp.jwks()["keys"][0]).encode()
+    secret = k.public_key_secrets(env.idp.key)[fmt]
     header = {"alg": "HS256", "typ": "at+jwt", "kid": env.idp.key.kid}
-    denied(env.ask(k.hs256(header, k.subject_claims(), secret)), Reason.ALGORITHM_NOT_ALLOWED)
+    token = k.hmac_token("HS256", header, k.subject_claims(), secret)
+    denied(env.ask(token), Reason.ALGORITHM_NOT_ALLOWED)
 
 
 @pytest.mark.parametrize("alg", ["ES384", "RS256", "EdDSA", "PS256", "", None, 256, ["ES256"]])

@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
+from opskit import free_port_pair
 from packaging.requirements import Requirement
 
 from extauthz.cli import main as cli_main
@@ -526,6 +526,7 @@ def shipped_sidecar_files() -> tuple[str, dict[str, str]]:
     return bootstrap, sds
 
 
+@pytest.mark.envoy
 def test_top_level_envoy_yaml_validates(pki: Pki, tmp_path: Path) -> None:
     base = yaml.safe_load((ROOT / "envoy.yaml").read_text())
     config = render_config(
@@ -539,6 +540,7 @@ def test_top_level_envoy_yaml_validates(pki: Pki, tmp_path: Path) -> None:
     validate_config(config, tmp_path)
 
 
+@pytest.mark.envoy
 def test_sidecar_envoy_yaml_validates(pki: Pki, tmp_path: Path) -> None:
     bootstrap, sds = shipped_sidecar_files()
     # Every SDS file the bootstrap names is shipped beside it, and nothing else.
@@ -552,6 +554,7 @@ def test_sidecar_envoy_yaml_validates(pki: Pki, tmp_path: Path) -> None:
     validate_config(sidecar_envoy(bootstrap, sds, tmp_path, tls_dir), tmp_path)
 
 
+@pytest.mark.envoy
 @needs_kubectl
 def test_envoy_configmap_carries_the_shipped_files(pki: Pki, tmp_path: Path) -> None:
     docs = render("example")
@@ -644,19 +647,7 @@ def move_sidecar_config(
     return config
 
 
-def grpc_base_port() -> int:
-    """A port P with P + 1 free too, for two workers."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two adjacent free ports")
-
-
+@pytest.mark.envoy
 @needs_kubectl
 def test_sidecar_pod_serves_a_checked_request_and_rotates_its_certificate(
     tmp_path: Path, pki: Pki
@@ -678,7 +669,7 @@ def test_sidecar_pod_serves_a_checked_request_and_rotates_its_certificate(
     _, envoy_files = configmap_volume_files(docs, "envoy-config")
     files = {k: v.decode() for k, v in envoy_files.items()}
     tls_dir = atomic_volume(tmp_path / "tls", tls_files(pki))
-    grpc = grpc_base_port()
+    grpc = free_port_pair()
     with (
         EchoServer() as echo,
         SidecarProcess(
@@ -931,7 +922,7 @@ def test_image_build_steps(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
     run(str(extauthz), "keys", "generate", "--out", str(keys / "key.pem"))
-    grpc, admin = grpc_base_port(), free_port()
+    grpc, admin = free_port_pair(), free_port()
     spec = pod_spec(render("base")) if KUBECTL else None
     serve_args = [
         "serve",

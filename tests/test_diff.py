@@ -73,7 +73,7 @@ def test_widened_scopes_exit_3_and_name_rule_and_scopes_text(tmp_path: Path) -> 
 
 
 def test_widened_scopes_exit_3_and_name_rule_and_scopes_json(tmp_path: Path) -> None:
-    result = diff_cli(tmp_path, BASE, WIDER_SCOPES, "--format", "json", real=True)
+    result = diff_cli(tmp_path, BASE, WIDER_SCOPES, "--format", "json")
     assert result.returncode == 3, result.stdout + result.stderr
     doc = json.loads(result.stdout)
     assert doc["widens"] is True
@@ -252,11 +252,5 @@ def test_invalid_policy_exits_2(tmp_path: Path) -> None:
 
 
 def test_missing_file_exits_2(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "extauthz", "policy", "diff", str(EXAMPLE), str(tmp_path / "x")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = in_process("policy", "diff", EXAMPLE, tmp_path / "x")
     assert result.returncode == 2

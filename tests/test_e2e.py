@@ -1,6 +1,6 @@
 """End to end through the real Envoy: mTLS client -> Envoy -> extauthz -> echo upstream.
 
-The upstream here records every header line as it arrived (duplicates included), so "the
+The echo upstream records every header line as it arrived (duplicates included), so "the
 original token never reached the upstream" is checked on the wire, not on a merged dict.
 """
 
@@ -9,18 +9,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opskit import tampered, verifies
 
-from extauthz.decision.jose import CompactJWS, parse_compact, parse_jwks, verify_signature
+from extauthz.decision.jose import CompactJWS, parse_compact
+from extauthz.demo.echo import ReceivedRequest
 from extauthz.demo.pki import x5t_s256
 from extauthz.demo.stack import WORKLOADS, Mesh, Response, http_get
 
@@ -31,86 +30,13 @@ RULE_TTL = 30
 BROAD_SCOPE = "profile.read profile.write orders.read email"
 MARK = "x-test-id"
 
-
-# --- an upstream that keeps raw header lines -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    method: str
-    path: str
-    raw_headers: list[tuple[str, str]]  # lower-case names, in arrival order, repeats kept
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return dict(self.raw_headers)
-
-    def values(self, name: str) -> list[str]:
-        return [v for k, v in self.raw_headers if k == name]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        raw = [(k.lower(), v) for k, v in self.headers.items()]
-        self.server.received.append(Received(self.command, self.path, raw))  # type: ignore[attr-defined]
-        body = b'{"ok": true}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_PUT = do_DELETE = do_GET
-
-    def log_message(self, format: str, *args: Any) -> None:  # headers carry tokens: stay quiet
-        return
-
-
-class RawEcho:
-    """Drop-in for the demo's EchoServer (``port``, ``start``, ``stop``, ``requests``)."""
-
-    def __init__(self) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
-        self._server.received = []  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    @property
-    def requests(self) -> list[Received]:
-        return list(self._server.received)  # type: ignore[attr-defined]
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
-
-
-def start_mesh(workdir: Path) -> Mesh:
-    mesh = Mesh(workdir)
-    mesh.echo = RawEcho()  # type: ignore[assignment]
-    mesh.start()
-    return mesh
+pytestmark = pytest.mark.envoy
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    running = start_mesh(tmp_path_factory.mktemp("mesh"))
-    try:
+    with Mesh(tmp_path_factory.mktemp("mesh")) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +64,7 @@ def send(
     path: str = PATH,
     method: str = "GET",
     headers: dict[str, str] | None = None,
-) -> tuple[Response, list[Received], int]:
+) -> tuple[Response, list[ReceivedRequest], int]:
     """One request through Envoy. Returns the response, what the upstream received for it,
     and how many requests (of any kind) reached the upstream meanwhile."""
     mark = uuid.uuid4().hex
@@ -151,19 +77,13 @@ def send(
     return response, [r for r in after if r.values(MARK) == [mark]], len(after)
 
 
-def verifies(jws: CompactJWS, jwks: dict[str, Any]) -> bool:
-    keys = parse_jwks(json.dumps(jwks).encode())
-    alg = jws.header.get("alg", "")
-    return any(verify_signature(jws, k, alg) for k in keys.candidates(jws.header.get("kid"), alg))
-
-
-def minted_from(received: Received) -> CompactJWS:
+def minted_from(received: ReceivedRequest) -> CompactJWS:
     (value,) = received.values("authorization")
     assert value.startswith("Bearer ")
     return parse_compact(value.removeprefix("Bearer "))
 
 
-def assert_never_leaked(subject: str, received: Received) -> None:
+def assert_never_leaked(subject: str, received: ReceivedRequest) -> None:
     signature = subject.rsplit(".", 1)[1]
     for name, value in received.raw_headers:
         assert subject not in value, f"original token reached the upstream in {name}"
@@ -226,16 +146,11 @@ def test_short_lived_subject_caps_the_minted_expiry(mesh: Mesh, jwks: dict[str, 
 # --- denied ----------------------------------------------------------------------------------
 
 
-def tampered(mesh: Mesh) -> str:
-    one, other = token(mesh), token(mesh, sub="someone-else")
-    return one.rsplit(".", 1)[0] + "." + other.rsplit(".", 1)[1]
-
-
 DENIED = {
     # name: (workload, bearer maker, status)
     "wrong-workload": ("billing", lambda m: token(m), 403),
     "missing-scope": ("orders", lambda m: token(m, scope="orders.read email"), 403),
-    "tampered-signature": ("orders", tampered, 401),
+    "tampered-signature": ("orders", lambda m: tampered(m.idp), 401),
     "expired": ("orders", lambda m: token(m, ttl=-600), 401),
     "no-token": ("orders", None, 401),
 }
@@ -297,15 +212,12 @@ def test_ambiguous_paths_are_denied(mesh: Mesh, path: str) -> None:
 
 
 def test_envoy_fails_closed_with_the_sidecar_stopped(tmp_path: Path) -> None:
-    running = start_mesh(tmp_path / "mesh")
-    try:
+    with Mesh(tmp_path / "mesh") as running:
         assert send(running, "orders", bearer=token(running))[0].status == 200
         running.sidecar.stop()
         response, _, reached = send(running, "orders", bearer=token(running))
         assert response.status in (503, 403)
         assert reached == 0
-    finally:
-        running.stop()
 
 
 # --- the demo --------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extauthz.demo.echo import EchoServer
 from extauthz.demo.envoy import Envoy, load_base_config, render_config, validate_config
 from extauthz.demo.pki import Pki, make_pki, x5t_s256
+from extauthz.demo.stack import free_port
 
 WORKLOADS = {
     "frontend": "spiffe://cluster.local/ns/shop/sa/frontend",
@@ -38,12 +39,6 @@ AUTHZ_OK_STAT = "http.ingress.ext_authz.ok"
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def named(items: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -152,6 +147,7 @@ def fail_closed_stack(
 # --- (a) the shipped file validates ----------------------------------------------------------
 
 
+@pytest.mark.envoy
 def test_shipped_config_validates(pki: Pki, tmp_path: Path) -> None:
     config = render_config(
         load_base_config(),
@@ -164,6 +160,7 @@ def test_shipped_config_validates(pki: Pki, tmp_path: Path) -> None:
     validate_config(config, tmp_path)
 
 
+@pytest.mark.envoy
 def test_validate_config_reports_envoy_errors(pki: Pki, tmp_path: Path) -> None:
     config = load_base_config()
     ext_authz_filter(config)["failure_mode_allow_typo"] = False
@@ -288,6 +285,7 @@ def test_echo_server_echoes_and_records() -> None:
 # --- (e) the real Envoy fails closed ---------------------------------------------------------
 
 
+@pytest.mark.envoy
 def test_envoy_fails_closed_when_authz_is_down(
     fail_closed_stack: tuple[Envoy, EchoServer, int], pki: Pki
 ) -> None:
@@ -300,11 +298,13 @@ def test_envoy_fails_closed_when_authz_is_down(
     assert echo.requests == []
 
 
+@pytest.mark.envoy
 def test_stat_of_an_absent_name_is_zero(fail_closed_stack: tuple[Envoy, EchoServer, int]) -> None:
     envoy, _, _ = fail_closed_stack
     assert envoy.stat("http.ingress.no_such_stat") == 0
 
 
+@pytest.mark.envoy
 def test_envoy_start_reports_a_bad_config(pki: Pki, tmp_path: Path) -> None:
     config = render_config(
         load_base_config(),
@@ -319,6 +319,7 @@ def test_envoy_start_reports_a_bad_config(pki: Pki, tmp_path: Path) -> None:
     assert "missing-certs" in str(excinfo.value)
 
 
+@pytest.mark.envoy
 def test_envoy_requires_a_client_certificate(
     fail_closed_stack: tuple[Envoy, EchoServer, int], pki: Pki
 ) -> None:
@@ -330,6 +331,7 @@ def test_envoy_requires_a_client_certificate(
     assert echo.requests == []
 
 
+@pytest.mark.envoy
 def test_envoy_rejects_a_client_cert_handshake_under_tls12(
     fail_closed_stack: tuple[Envoy, EchoServer, int], pki: Pki
 ) -> None:
@@ -404,6 +406,7 @@ def send(listen_port: int, context: ssl.SSLContext, path: str, headers: dict[str
         conn.close()
 
 
+@pytest.mark.envoy
 def test_envoy_forwards_peer_identity_to_authz_over_http2(
     allow_stack: tuple[Envoy, EchoServer, _AllowAll, int], pki: Pki
 ) -> None:
@@ -422,6 +425,7 @@ def test_envoy_forwards_peer_identity_to_authz_over_http2(
     assert x5t_s256(sent_pem) == x5t_s256(pki.workloads["batch"].cert.read_bytes())
 
 
+@pytest.mark.envoy
 def test_envoy_authorizes_the_normalized_path(
     allow_stack: tuple[Envoy, EchoServer, _AllowAll, int], pki: Pki
 ) -> None:
@@ -435,6 +439,7 @@ def test_envoy_authorizes_the_normalized_path(
     assert [r.path for r in echo.requests[seen_before:]] == ["/a/c?q=1"]
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("path", ["/a%2Fb", "/a%2fb", "/a%5Cb"])
 def test_envoy_rejects_escaped_slashes_before_authz(
     allow_stack: tuple[Envoy, EchoServer, _AllowAll, int], pki: Pki, path: str
@@ -446,6 +451,7 @@ def test_envoy_rejects_escaped_slashes_before_authz(
     assert len(echo.requests) == seen_before
 
 
+@pytest.mark.envoy
 def test_envoy_strips_client_sent_xfcc(
     allow_stack: tuple[Envoy, EchoServer, _AllowAll, int], pki: Pki
 ) -> None:

@@ -214,7 +214,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Idp]:
 def test_recorded_request_names_the_rule_and_allowed(recorded: tuple[Path, Idp]) -> None:
     work, idp = recorded
     request = record_check_request(work, idp, principal=ORDERS)
-    result = run("--policy", work / "policy.yaml", "--request", request, real=True)
+    result = run("--policy", work / "policy.yaml", "--request", request)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "orders-read-profile: picked" in result.stdout
     assert "decision   allow (allowed, HTTP 200), rule orders-read-profile" in result.stdout
@@ -297,7 +297,7 @@ def test_missing_request_file_exits_2(tmp_path: Path) -> None:
 def test_malformed_request_file_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "req.json"
     bad.write_text("{not json", encoding="utf-8")
-    result = run("--policy", EXAMPLE, "--request", bad, real=True)
+    result = run("--policy", EXAMPLE, "--request", bad)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
 
@@ -310,6 +310,6 @@ def test_no_token_wins_over_issuer() -> None:
 
 
 def test_claims_that_are_not_an_object_exit_2() -> None:
-    result = run("--policy", EXAMPLE, *READ_FLAGS, "--claims", "[1, 2]", real=True)
+    result = run("--policy", EXAMPLE, *READ_FLAGS, "--claims", "[1, 2]")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -22,9 +22,7 @@ Every loop is bounded in requests and in time; everything runs on 127.0.0.1.
 from __future__ import annotations
 
 import http.client
-import json
 import random
-import ssl
 import threading
 import time
 import uuid
@@ -32,7 +30,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +37,25 @@ import pytest
 from opskit import (
     QUICK,
     AtomicDir,
+    JwksServer,
     Metrics,
+    Slice,
     published_jwks,
     statusz,
     verifies,
     wait_for,
     write_key,
 )
-from test_e2e import Received
 
-from extauthz.decision.jose import CompactJWS, generate_signing_key, jwks_document, parse_compact
-from extauthz.demo.envoy import Envoy, load_base_config, render_config
+from extauthz.decision.jose import CompactJWS, generate_signing_key, parse_compact
+from extauthz.demo.echo import EchoServer
 from extauthz.demo.idp import Idp
 from extauthz.demo.pki import Pki, make_pki, x5t_s256
-from extauthz.demo.stack import ISSUER, SidecarProcess, free_port, mtls_context
+from extauthz.demo.stack import ISSUER, SidecarProcess, https_request, mtls_context
 
 MARK = "x-test-id"
+
+pytestmark = pytest.mark.envoy
 EXCHANGE_ISSUER = "https://exchange.shop.svc"
 SUBJECT_AUDIENCE = "https://shop.example.com"
 PROFILE = "profile.shop.svc.cluster.local"
@@ -295,153 +295,13 @@ def expected(
     return None
 
 
-# --- an upstream that keeps raw header lines and arrival times -------------------------------
+# --- the slice: the echo upstream (it keeps raw header lines and arrival times), the sidecar
+# and Envoy ------------------------------------------------------------------------------------
 
 
-class _UpstreamHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _UpstreamServer
-
-    def do_GET(self) -> None:
-        arrived = time.monotonic()
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        raw = [(k.lower(), v) for k, v in self.headers.items()]
-        with self.server.lock:
-            self.server.arrivals.append((arrived, Received(self.command, self.path, raw)))
-        body = b'{"ok": true}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_PUT = do_DELETE = do_GET
-
-    def log_message(self, format: str, *args: Any) -> None:  # headers carry tokens
-        return
-
-
-class _UpstreamServer(ThreadingHTTPServer):
-    daemon_threads = True
-    lock: threading.Lock
-    arrivals: list[tuple[float, Received]]
-
-
-class Upstream:
-    def __init__(self) -> None:
-        self._server = _UpstreamServer(("127.0.0.1", 0), _UpstreamHandler)
-        self._server.lock = threading.Lock()
-        self._server.arrivals = []
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def arrivals(self) -> list[tuple[float, Received]]:
-        with self._server.lock:
-            return list(self._server.arrivals)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
-
-
-# --- an issuer's JWKS endpoint that can go down ----------------------------------------------
-
-
-class _JwksHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _JwksServer
-
-    def do_GET(self) -> None:
-        body = self.server.body
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-
-class _JwksServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    body: bytes
-
-
-class JwksEndpoint:
-    def __init__(self, idp: Idp) -> None:
-        self.port = free_port()
-        self.body = json.dumps(jwks_document([idp.key])).encode()
-        self._server: _JwksServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/jwks.json"
-
-    def up(self) -> None:
-        assert self._server is None
-        server = _JwksServer(("127.0.0.1", self.port), _JwksHandler)
-        server.body = self.body
-        threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        self._server = server
-
-    def down(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-
-
-# --- the stack: upstream, sidecar and Envoy --------------------------------------------------
-
-
-class Stack:
-    def __init__(self, workdir: Path, pki: Pki, policy: Path, keys: Sequence[Path]) -> None:
-        self.workdir, self.pki = workdir, pki
-        self.upstream = Upstream()
-        self.sidecar = SidecarProcess(policy, keys, workdir / "sidecar", extra_args=SIDECAR_ARGS)
-        self.listen_port = free_port()
-        self.envoy: Envoy | None = None
-
-    def start(self) -> None:
-        try:
-            self.upstream.start()
-            self.sidecar.start()
-            config = render_config(
-                load_base_config(),
-                listen_port=self.listen_port,
-                authz_ports=[self.sidecar.grpc_port],
-                upstream_port=self.upstream.port,
-                admin_port=free_port(),
-                cert_dir=self.pki.dir,
-            )
-            self.envoy = Envoy(config, self.workdir / "envoy")
-            self.envoy.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.envoy is not None:
-            self.envoy.stop()
-        self.sidecar.stop()
-        self.upstream.stop()
-
-    @property
-    def admin(self) -> int:
-        return self.sidecar.admin_port
+def mesh_slice(workdir: Path, pki: Pki, policy: Path, keys: Sequence[Path]) -> Slice:
+    sidecar = SidecarProcess(policy, keys, workdir / "sidecar", extra_args=SIDECAR_ARGS)
+    return Slice(workdir, sidecar, pki=pki)
 
 
 # --- the load: many callers, each request tagged -------------------------------------------
@@ -492,39 +352,13 @@ def endpoint(kind: str, n: int, shape: int) -> tuple[str, str, str, str, str]:
     return "GET", host, path, path, path
 
 
-def raw_request(
-    port: int,
-    ctx: ssl.SSLContext,
-    method: str,
-    host: str,
-    path: str,
-    headers: Sequence[tuple[str, str]],
-    body: bytes | None,
-) -> int:
-    """One request to Envoy's mTLS listener; header lines sent as given (repeats kept)."""
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=5)
-    try:
-        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("Host", host)
-        for name, value in headers:
-            conn.putheader(name, value)
-        if body is not None:
-            conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders(body)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 class Load:
     """``threads`` callers sending requests drawn from INTENTS x USERS x VARIANTS until told to
     stop, at most ``limit`` requests and ``seconds`` seconds, pausing ``pace`` between two."""
 
     def __init__(
         self,
-        stack: Stack,
+        stack: Slice,
         idp: Idp,
         *,
         seed: int,
@@ -617,9 +451,16 @@ class Load:
         ctx = self.contexts[sent.workload]
         sent.t_send = time.monotonic()
         try:
-            sent.status = raw_request(
-                self.stack.listen_port, ctx, sent.method, sent.host, sent.path, sent.headers, body
-            )
+            sent.status = https_request(
+                self.stack.listen_port,
+                ctx,
+                method=sent.method,
+                path=sent.path,
+                host=sent.host,
+                headers=sent.headers,
+                body=body,
+                timeout=5,
+            ).status
         except (OSError, http.client.HTTPException) as exc:
             sent.status, sent.error = -1, repr(exc)
         sent.t_done = time.monotonic()
@@ -781,7 +622,7 @@ def check_minted(
 
 
 def check_run(
-    load: Load, upstream: Upstream, jwks_documents: Sequence[Mapping[str, Any]], t: Timeline
+    load: Load, upstream: EchoServer, jwks_documents: Sequence[Mapping[str, Any]], t: Timeline
 ) -> Report:
     problems: list[str] = []
     sent = load.records()
@@ -797,8 +638,8 @@ def check_run(
     reached: dict[str, float] = {}
     minted: list[tuple[Sent, CompactJWS]] = []
     jtis: Counter[str] = Counter()
-    arrivals = upstream.arrivals()
-    for arrived, received in arrivals:
+    for received in upstream.requests:
+        arrived = received.at
         if in_window(arrived, t.down, margin=0.25):
             problems.append(
                 f"the upstream received a request while the sidecar was down: {received.path}"
@@ -911,9 +752,9 @@ def test_faults_under_load_with_restart_and_rotation(tmp_path: Path, pki: Pki) -
     keys.mkdir()
     old, new = generate_signing_key(), generate_signing_key()
     write_key(old, keys / "a-2026-11.pem")
-    stack = Stack(tmp_path / "stack", pki, policy, [keys])
+    stack = mesh_slice(tmp_path / "stack", pki, policy, [keys])
     load = Load(stack, idp, seed=1)
-    admin = stack.admin
+    admin = stack.sidecar.admin_port
     documents: list[dict[str, Any]] = []
     stack.start()
     try:
@@ -955,7 +796,7 @@ def test_faults_under_load_with_restart_and_rotation(tmp_path: Path, pki: Pki) -
     timeline = Timeline(
         versions=lambda s: [V1], outages=[(stopping, back)], down=[(exited, restarting)]
     )
-    report = check_run(load, stack.upstream, documents, timeline)
+    report = check_run(load, stack.echo, documents, timeline)
     summary("restart+rotation", report, began)
     assert_clean(report)
 
@@ -982,18 +823,18 @@ def test_faults_under_load_with_restart_and_rotation(tmp_path: Path, pki: Pki) -
 def test_many_callers_with_jwks_outage_and_reload(tmp_path: Path, pki: Pki) -> None:
     began = time.monotonic()
     idp = Idp(ISSUER)
-    issuer = JwksEndpoint(idp)
-    jwks_before = f"{{url: {issuer.url}, refresh: 10s, timeout: 1s}}"
-    jwks_after = f"{{url: {issuer.url}, refresh: 11s, timeout: 1s}}"  # restarts the fetch task
+    issuer = JwksServer(idp)
+    jwks_before = f"{{url: {issuer.url()}, refresh: 10s, timeout: 1s}}"
+    jwks_after = f"{{url: {issuer.url()}, refresh: 11s, timeout: 1s}}"  # restarts the fetch task
     configmap = AtomicDir(tmp_path / "configmap")
     configmap.publish({"policy.yaml": policy_text(V1, jwks_before)})
     key = write_key(generate_signing_key(), tmp_path / "signing-key.pem")
-    stack = Stack(tmp_path / "stack", pki, configmap.root / "policy.yaml", [key])
+    stack = mesh_slice(tmp_path / "stack", pki, configmap.root / "policy.yaml", [key])
     issuer.up()
     try:
         stack.start()
         load = Load(stack, idp, seed=2)
-        admin = stack.admin
+        admin = stack.sidecar.admin_port
 
         def corp() -> dict[str, Any]:
             doc: dict[str, Any] = statusz(admin)["issuers"]["corp-idp"]
@@ -1044,7 +885,7 @@ def test_many_callers_with_jwks_outage_and_reload(tmp_path: Path, pki: Pki) -> N
         return [V1, V2]
 
     timeline = Timeline(versions=versions, outages=[], down=[])
-    report = check_run(load, stack.upstream, documents, timeline)
+    report = check_run(load, stack.echo, documents, timeline)
     summary("jwks-outage+reload", report, began)
     assert_clean(report)
 
@@ -1068,6 +909,6 @@ def test_many_callers_with_jwks_outage_and_reload(tmp_path: Path, pki: Pki) -> N
     assert before_reload[("search", "profile", 200)] == 0
     # The sidecar's own count agrees with what the upstream saw.
     allows = scraped.value("extauthz_decisions_total", decision="allow")
-    assert allows == len(stack.upstream.arrivals()) == report.counts["allowed"]
+    assert allows == len(stack.echo.requests) == report.counts["allowed"]
     assert scraped.value("extauthz_reloads_total", result="success") >= 1
     assert scraped.value("extauthz_jwks_fetches_total", issuer="corp-idp", result="failure") >= 1

@@ -18,8 +18,9 @@ import base64
 import copy
 import itertools
 import json
+import re
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,14 @@ from extauthz.decision.jose import (
     parse_jwks,
     verify_signature,
 )
-from extauthz.decision.model import Snapshot, WorkloadPattern, normalise_host
+from extauthz.decision.model import (
+    SELF_ISSUER_ID,
+    Policy,
+    Rule,
+    Snapshot,
+    WorkloadPattern,
+    normalise_host,
+)
 from extauthz.decision.pipeline import CheckInput, Decision, decide
 from extauthz.decision.reasons import Reason
 from extauthz.errors import KeyLoadError, PolicyError
@@ -399,13 +407,41 @@ def _mutate(doc: Any, data: st.DataObject) -> Any:
     return doc
 
 
+def _competing_rule(rule_id: str, workload: str, path: str) -> dict[str, Any]:
+    return {
+        "id": rule_id,
+        "purpose": "Competes with orders-read-profile for the same requests",
+        "match": {
+            "workloads": [workload],
+            "host": PROFILE_HOST,
+            "methods": ["GET"],
+            "paths": [path],
+            "issuers": ["corp-idp"],
+        },
+        "grant": {"audience": PROFILE, "scopes": ["profile.read"], "ttl": "10s"},
+    }
+
+
+# Rules whose templates or workloads match some of the same requests as orders-read-profile,
+# each more or less specific, so that the lookup's order of precedence is what decides.
+COMPETING_RULES = [
+    _competing_rule("orders-customer-one", ORDERS, "/v1/customers/1"),
+    _competing_rule("orders-customers-any", ORDERS, "/v1/customers/**"),
+    _competing_rule("shop-section-one", "spiffe://cluster.local/ns/shop/sa/*", "/v1/{section}/1"),
+    _competing_rule("cluster-customer", "spiffe://cluster.local/**", "/v1/customers/{id}"),
+]
+
+
 @FUZZ
 @given(st.data())
 def test_compile_policy_structured_documents(data: st.DataObject) -> None:
-    """A valid policy with 1-5 random mutations (values replaced by any YAML value, keys
-    deleted or added, list items duplicated): a Policy or a PolicyError, nothing else. When it
-    does compile, the table answers lookups without raising."""
+    """A valid policy, with some rules that compete for the same requests added, then 1-5
+    random mutations (values replaced by any YAML value, keys deleted or added, list items
+    duplicated): a Policy or a PolicyError, nothing else. When it does compile, every lookup
+    finds the rule an independent reading of the rules picks."""
     doc = copy.deepcopy(POLICY_DOC)
+    competing = data.draw(st.lists(st.sampled_from(COMPETING_RULES), unique_by=lambda r: r["id"]))
+    doc["rules"] += copy.deepcopy(competing)
     for _ in range(data.draw(st.integers(1, 5), label="mutations")):
         doc = _mutate(doc, data)
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
@@ -413,12 +449,109 @@ def test_compile_policy_structured_documents(data: st.DataObject) -> None:
         policy = compile_policy(text, source="fuzz.yaml")
     except PolicyError:
         return
+    for host, method, segments, caller, issuer_id in _probes(policy):
+        found = policy.find_rule(host, method, segments, caller, issuer_id)
+        best = _oracle(policy.rules, host, method, segments, caller, issuer_id)
+        where = (host, method, segments, caller, issuer_id)
+        assert (found.id if found else None) in best, (where, found, best)
+
+
+# An independent oracle for find_rule: which rules could match, and which of them wins, worked
+# out from each rule's own definition (docs/policy.md "How a request finds its rule"), without
+# the compiled table.
+
+
+def _template_rank(template: str, segments: tuple[str, ...]) -> tuple[int, ...] | None:
+    """How specifically ``template`` matches: per segment 2 for a literal, 1 for a {param},
+    then 3 if it ends with the path or 0 for a final ``**``; None if it does not match."""
+    parts = [""] if template == "/" else template[1:].split("/")
+    rank: list[int] = []
+    for index, part in enumerate(parts):
+        if part == "**":  # zero or more remaining segments
+            return (*rank, 0)
+        if index >= len(segments):
+            return None
+        if part.startswith("{") and part.endswith("}"):
+            if segments[index] == "":
+                return None
+            rank.append(1)
+        elif part == segments[index]:
+            rank.append(2)
+        else:
+            return None
+    return (*rank, 3) if len(parts) == len(segments) else None
+
+
+def _workload_rank(selector: str, caller: str) -> tuple[int, ...] | None:
+    """An exact ID beats any pattern; patterns with more literal segments first, a fixed length
+    before a final ``**`` (one or more segments); None if the caller is not selected."""
+    if "*" not in selector:
+        return (1,) if selector == caller else None
+    if not caller.startswith("spiffe://"):
+        return None
+    want = selector.removeprefix("spiffe://").split("/")
+    got = caller.removeprefix("spiffe://").split("/")
+    rest = want[-1] == "**"
+    if rest:
+        if len(got) < len(want):
+            return None
+        want, got = want[:-1], got[: len(want) - 1]
+    elif len(got) != len(want):
+        return None
+    if any(w != "*" and w != g for w, g in zip(want, got, strict=True)):
+        return None
+    return (0, sum(1 for w in want if w != "*"), 0 if rest else 1)
+
+
+def _oracle(
+    rules: tuple[Rule, ...],
+    host: str,
+    method: str,
+    segments: tuple[str, ...],
+    caller: str,
+    issuer_id: str,
+) -> set[str | None]:
+    """The ids of the rules that should win (one, as the compiler refuses ties), or {None}."""
+    ranked: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for rule in rules:
+        issuers = rule.issuers | ({SELF_ISSUER_ID} if rule.reexchange else set())
+        if rule.host != host or method not in rule.methods or issuer_id not in issuers:
+            continue
+        paths_ = [r for t in rule.paths if (r := _template_rank(t, segments)) is not None]
+        workloads = [r for w in rule.workloads if (r := _workload_rank(w, caller)) is not None]
+        if paths_ and workloads:
+            ranked[rule.id] = (max(paths_), max(workloads))
+    if not ranked:
+        return {None}
+    top = max(ranked.values())
+    return {rule_id for rule_id, rank in ranked.items() if rank == top}
+
+
+def _instances(pattern: str) -> list[str]:
+    """Concrete values a path template or workload pattern stands for."""
+    concrete = re.sub(r"\{[^/]*\}", "1", pattern).replace("/**", "/x/y").replace("/*", "/x")
+    return [concrete, pattern.removesuffix("/**")] if pattern.endswith("/**") else [concrete]
+
+
+def _probes(policy: Policy) -> Iterator[tuple[str, str, tuple[str, ...], str, str]]:
+    """Lookups around every rule: its host and methods, its paths and callers made concrete
+    (and the fixed ones the property started from), every issuer id."""
+    issuer_ids = sorted({*policy.issuers, SELF_ISSUER_ID})
+    seen: set[tuple[str, str, tuple[str, ...], str, str]] = set()
     for rule in policy.rules:
-        for method in rule.methods:
-            found = policy.find_rule(
-                rule.host, method, ("v1", "customers", "1"), ORDERS, "corp-idp"
-            )
-            assert found is None or rule.host == found.host
+        paths_ = [("v1", "customers", "1")]
+        for template in rule.paths:
+            for text in _instances(template):
+                segments = paths.normalise(text) if text.startswith("/") else None
+                if segments is not None:
+                    paths_.append(segments)
+        callers = [ORDERS, *(c for w in rule.workloads for c in _instances(w))]
+        for probe in itertools.product(
+            [rule.host], sorted(rule.methods), paths_, callers, issuer_ids
+        ):
+            if probe not in seen:
+                seen.add(probe)
+                yield probe
 
 
 BUG_POLICY_INPUTS = [

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clikit import in_process
 from opskit import (
     QUICK,
     AtomicDir,
@@ -175,9 +176,14 @@ def test_keys_present_at_start(tmp_path: Path, example_policy_text: str) -> None
 def test_keys_generate_eddsa(tmp_path: Path, example_policy_text: str) -> None:
     out = tmp_path / "keys" / "signing.pem"
     out.parent.mkdir()
-    command = [sys.executable, "-m", "extauthz", "keys", "generate", "--alg", "EdDSA"]
+    args = ["keys", "generate", "--alg", "EdDSA", "--out", str(out)]
+    # A child process: the mode is the one another process sees on the file it left behind.
     result = subprocess.run(
-        [*command, "--out", str(out)], capture_output=True, text=True, timeout=20, check=False
+        [sys.executable, "-m", "extauthz", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
@@ -187,9 +193,7 @@ def test_keys_generate_eddsa(tmp_path: Path, example_policy_text: str) -> None:
     assert public["kid"] == thumbprint(public) == load_signing_key(out).kid
 
     pem = out.read_bytes()
-    again = subprocess.run(
-        [*command, "--out", str(out)], capture_output=True, text=True, timeout=20, check=False
-    )
+    again = in_process(*args)
     assert again.returncode != 0
     assert "refusing to overwrite" in again.stderr
     assert out.read_bytes() == pem

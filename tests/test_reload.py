@@ -91,6 +91,7 @@ def billing_status(mesh: Slice, idp: Idp) -> int:
     return mesh.request("billing", idp.token(now=time.time())).status
 
 
+@pytest.mark.envoy
 def test_configmap_swap_under_load(tmp_path: Path, example_policy_text: str) -> None:
     idp = Idp(ISSUER)
     cm = AtomicDir(tmp_path / "cm")

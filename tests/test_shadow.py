@@ -259,6 +259,7 @@ def log_entry(mesh: Mesh, path: str, method: str) -> dict[str, Any]:
     return entries[-1]
 
 
+@pytest.mark.envoy
 def test_end_to_end_shadow_rule_forwards_the_original_credentials(mesh: Mesh) -> None:
     subject = mesh.idp.token(now=time.time(), scope=BROAD)
     sent = {
@@ -299,6 +300,7 @@ def test_end_to_end_shadow_rule_forwards_the_original_credentials(mesh: Mesh) ->
     assert enforced_entry["decision"] == "allow"
 
 
+@pytest.mark.envoy
 def test_end_to_end_shadow_rule_lets_a_would_be_deny_through(mesh: Mesh) -> None:
     subject = mesh.idp.token(now=time.time(), scope="email")
     path = "/v1/customers/7"
@@ -317,6 +319,7 @@ def test_end_to_end_shadow_rule_lets_a_would_be_deny_through(mesh: Mesh) -> None
     assert entry["jti"] is None
 
 
+@pytest.mark.envoy
 def test_end_to_end_enforced_deny_still_blocks(mesh: Mesh) -> None:
     subject = mesh.idp.token(now=time.time(), scope="profile.read")
     status, upstream = send(

@@ -127,6 +127,7 @@ def test_supervisor_metrics_add_up_over_the_workers(workers: Workers) -> None:
     assert workers.decisions() - before == 9
 
 
+@pytest.mark.envoy
 def test_envoy_spreads_checks_over_the_workers(tmp_path: Path, workers: Workers) -> None:
     mesh = Slice(tmp_path, workers.sidecar, authz_ports=[workers.port, workers.port + 1])
     mesh.start()

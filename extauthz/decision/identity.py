@@ -35,6 +35,7 @@ _PREFIX = "spiffe://"
 @dataclass(frozen=True, slots=True)
 class SpiffeId:
     """A parsed SPIFFE ID; ``str()`` gives its one canonical spelling."""
+
     trust_domain: str
     path: str  # "" or "/seg/seg"
 

@@ -75,6 +75,7 @@ class TokenFormatError(ValueError):
 @dataclass(frozen=True, slots=True)
 class CompactJWS:
     """A parsed, not yet verified, JWS in compact form."""
+
     header: Mapping[str, Any]
     claims: Mapping[str, Any]
     signing_input: bytes

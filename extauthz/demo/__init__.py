@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extauthz.decision.jose import parse_compact, parse_jwks, verify_signature
+from extauthz.decision.jose import CompactJWS, parse_compact, parse_jwks, verify_signature
+from extauthz.demo.stack import Mesh, http_get
 
 HOST = "profile.shop.svc.cluster.local"
 
@@ -72,8 +73,6 @@ SCENARIOS = (
 
 
 def run_demo(*, as_json: bool = False, keep: bool = False) -> int:
-    from extauthz.demo.stack import Mesh, http_get
-
     workdir = Path(tempfile.mkdtemp(prefix="extauthz-demo-"))
     say = (lambda *a: None) if as_json else print
     try:
@@ -113,7 +112,7 @@ def run_demo(*, as_json: bool = False, keep: bool = False) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(mesh: Any, scenario: Scenario, jwks: dict[str, Any]) -> dict[str, Any]:
+def _run(mesh: Mesh, scenario: Scenario, jwks: dict[str, Any]) -> dict[str, Any]:
     headers = {"x-demo-request": scenario.name}
     token = None
     if scenario.token is not None:
@@ -160,7 +159,7 @@ def _leaked(result: dict[str, Any]) -> bool:
     return bool(subject) and any(subject in value for value in headers.values())
 
 
-def _verifies(jws: Any, jwks: dict[str, Any]) -> bool:
+def _verifies(jws: CompactJWS, jwks: dict[str, Any]) -> bool:
     keys = parse_jwks(json.dumps(jwks).encode())
     alg = jws.header.get("alg", "")
     return any(verify_signature(jws, k, alg) for k in keys.candidates(jws.header.get("kid"), alg))

@@ -2,13 +2,15 @@
 
 It answers every request with 200 and a JSON description of what it received, and
 records each request, so a test can assert both what reached the upstream and that
-nothing did.
+nothing did. The record keeps every header line as it arrived (repeats too), so "the
+original token never reached the upstream" can be checked on the wire, not on a merged dict.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,7 +24,13 @@ _HOST = "127.0.0.1"
 class ReceivedRequest:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # one value per name: the last line of that name
+    raw_headers: tuple[tuple[str, str], ...] = ()  # lower-case names, in arrival order
+    at: float = 0.0  # time.monotonic() when the request line had been read
+
+    def values(self, name: str) -> list[str]:
+        """Every value sent in a header line called ``name`` (lower-case)."""
+        return [value for key, value in self.raw_headers if key == name]
 
 
 class _Recorder:
@@ -66,10 +74,13 @@ class _EchoHandler(BaseHTTPRequestHandler):
         return
 
     def _echo(self) -> None:
+        arrived = time.monotonic()
         self._drain_body()
         # HTTP header names are case-insensitive; lower-case them like Envoy does.
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        received = ReceivedRequest(method=self.command, path=self.path, headers=headers)
+        raw = tuple((name.lower(), value) for name, value in self.headers.items())
+        received = ReceivedRequest(
+            method=self.command, path=self.path, headers=dict(raw), raw_headers=raw, at=arrived
+        )
         self.server.recorder.add(received)
         body = json.dumps(
             {"method": received.method, "path": received.path, "headers": received.headers}

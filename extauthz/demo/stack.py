@@ -16,11 +16,17 @@ import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from extauthz.decision.jose import generate_signing_key
+from extauthz.demo.echo import EchoServer
+from extauthz.demo.envoy import Envoy, load_base_config, render_config
+from extauthz.demo.idp import Idp
 from extauthz.demo.lifecycle import Started
-from extauthz.demo.pki import CertPair
+from extauthz.demo.pki import CertPair, make_pki
+from extauthz.policy.loader import write_private_key
 
 LOOPBACK = "127.0.0.1"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -148,16 +154,18 @@ def https_request(
     method: str = "GET",
     path: str = "/",
     host: str = "localhost",
-    headers: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     body: bytes | None = None,
     timeout: float = 10.0,
 ) -> Response:
-    """One request to Envoy's mTLS listener, with ``host`` as the Host header."""
+    """One request to Envoy's mTLS listener, with ``host`` as the Host header. ``headers`` as
+    (name, value) pairs are sent line by line, so a name may repeat (two Authorization lines)."""
+    lines = headers.items() if isinstance(headers, Mapping) else headers or ()
     conn = http.client.HTTPSConnection(LOOPBACK, port, context=ctx, timeout=timeout)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", host)
-        for name, value in (headers or {}).items():
+        for name, value in lines:
             conn.putheader(name, value)
         if body is not None:
             conn.putheader("Content-Length", str(len(body)))
@@ -193,14 +201,6 @@ class Mesh(Started):
         workloads: Mapping[str, str] = WORKLOADS,
         sidecar_args: Sequence[str] = (),
     ) -> None:
-        from importlib import resources
-
-        from extauthz.decision.jose import generate_signing_key
-        from extauthz.demo.echo import EchoServer
-        from extauthz.demo.idp import Idp
-        from extauthz.demo.pki import make_pki
-        from extauthz.policy.loader import write_private_key
-
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.pki = make_pki(workdir / "certs", workloads)
@@ -218,15 +218,13 @@ class Mesh(Started):
             self.policy, [self.signing_key_file], workdir / "sidecar", extra_args=sidecar_args
         )
         self.listen_port = free_port()
-        self._envoy: Any = None
+        self._envoy: Envoy | None = None
 
     @property
-    def envoy(self) -> Any:
+    def envoy(self) -> Envoy | None:
         return self._envoy
 
     def start(self) -> None:
-        from extauthz.demo.envoy import Envoy, load_base_config, render_config
-
         try:
             self.echo.start()
             self.sidecar.start()

@@ -4,6 +4,9 @@ Each URL issuer has a task that fetches on start, then every ``refresh`` seconds
 when a request named a kid we do not have (at most once per ``UNKNOWN_KID_INTERVAL``). A failed
 fetch keeps the keys we had (stale beats none while the issuer is unreachable) and retries with
 backoff. Fetches run in a thread with a timeout and a size cap.
+
+Time comes in from outside: ``RemoteJwks`` takes its clocks and the wait between fetches as
+parameters (the real ones by default), so a test can move time on instead of sleeping.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from extauthz.decision.jose import MAX_JWKS_BYTES, IssuerKeys, parse_jwks
@@ -26,6 +29,16 @@ log = logging.getLogger("extauthz.jwks")
 UNKNOWN_KID_INTERVAL = 5.0  # seconds between refetches triggered by unknown kids
 RETRY_MIN = 1.0
 
+Clock = Callable[[], float]
+# Returns once ``event`` is set or ``timeout`` seconds have passed, whichever comes first.
+Wait = Callable[[asyncio.Event, float], Awaitable[None]]
+
+
+async def wait_or_timeout(event: asyncio.Event, timeout: float) -> None:
+    """The real ``Wait``: the event loop's timer."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout=timeout)
+
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: object, **kwargs: object) -> None:
@@ -36,10 +49,10 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirects())
 
 
-def fetch_jwks(url: str, timeout: float) -> IssuerKeys:
+def fetch_jwks(url: str, timeout: float, *, monotonic: Clock = time.monotonic) -> IssuerKeys:
     """One fetch. ``timeout`` bounds the whole fetch, not each read: a server trickling bytes
     is cut off at the deadline (give or take one read of at most ``timeout``)."""
-    deadline = time.monotonic() + timeout
+    deadline = monotonic() + timeout
     request = urllib.request.Request(  # noqa: S310 - the scheme is checked at policy load
         url, headers={"Accept": "application/json", "User-Agent": "extauthz"}
     )
@@ -50,7 +63,7 @@ def fetch_jwks(url: str, timeout: float) -> IssuerKeys:
             chunks: list[bytes] = []
             size = 0
             while size <= MAX_JWKS_BYTES:
-                if time.monotonic() > deadline:
+                if monotonic() > deadline:
                     raise KeyLoadError(f"{url}: no complete answer within {timeout}s")
                 chunk = response.read1(65536)
                 if not chunk:
@@ -74,9 +87,25 @@ class _Source:
 
 
 class RemoteJwks:
-    """Keeps the keys of every URL issuer fresh and reports each change to its subscribers."""
+    """Keeps the keys of every URL issuer fresh and reports each change to its subscribers.
 
-    def __init__(self) -> None:
+    ``monotonic`` paces the unknown-kid refetches and the first-fetch deadline, ``wall`` stamps
+    each success (reported on the admin port) and ``wait`` is the pause between fetches. The
+    fetch itself keeps real time: its timeout is the network's.
+    """
+
+    def __init__(
+        self,
+        *,
+        monotonic: Clock = time.monotonic,
+        wall: Clock = time.time,
+        wait: Wait = wait_or_timeout,
+    ) -> None:
+        self._monotonic = monotonic
+        self._wall = wall
+        self._wait = wait
+        # Set after every fetch attempt, so first_fetch() need not poll.
+        self._attempted = asyncio.Event()
         self._subscribers: list[Callable[[], None]] = []
         self.keys: dict[str, IssuerKeys] = {}
         self.last_success: dict[str, float] = {}
@@ -117,19 +146,20 @@ class RemoteJwks:
 
     async def first_fetch(self, deadline: float) -> None:
         """Wait (up to ``deadline`` seconds) until every URL issuer was tried once."""
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            pending = [i for i in self._sources if i not in self.keys and i not in self.last_error]
-            if not pending:
+        end = self._monotonic() + deadline
+        while any(i not in self.keys and i not in self.last_error for i in self._sources):
+            left = end - self._monotonic()
+            if left <= 0:
                 return
-            await asyncio.sleep(0.05)
+            self._attempted.clear()
+            await self._wait(self._attempted, left)
 
     def unknown_kid(self, issuer_id: str) -> None:
         """A request named a key we do not have: fetch again soon, but not for every request."""
         wake = self._wake.get(issuer_id)
         if wake is None:
             return
-        now = time.monotonic()
+        now = self._monotonic()
         if now - self._last_forced.get(issuer_id, -1e9) >= UNKNOWN_KID_INTERVAL:
             self._last_forced[issuer_id] = now
             wake.set()
@@ -162,14 +192,14 @@ class RemoteJwks:
             else:
                 failures = 0
                 self.last_error.pop(ident, None)
-                self.last_success[ident] = time.time()
+                self.last_success[ident] = self._wall()
                 metrics.JWKS_FETCHES.labels(issuer=ident, result="success").inc()
                 if self.keys.get(ident) != keys:
                     self.keys[ident] = keys
                     for on_change in self._subscribers:
                         on_change()
                 wait = source.refresh
+            self._attempted.set()
             wake = self._wake[ident]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=wait)
+            await self._wait(wake, wait)
             wake.clear()
