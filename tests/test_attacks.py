@@ -807,12 +807,12 @@ def test_token_of_a_trusted_issuer_the_rule_does_not_accept() -> None:
         ("PROFILE.shop.svc.cluster.local:8443", "GET", "orders-read-profile"),  # documented
         ("profile.shop.svc.cluster.local.", "GET", "orders-read-profile"),  # FQDN dot
         ("profile.shop.svc.cluster.local.evil.example", "GET", Reason.NO_RULE),
-        ("evil.example:profile.shop.svc.cluster.local", "GET", Reason.NO_RULE),
-        ("profile.shop.svc.cluster.local@evil.example", "GET", Reason.NO_RULE),
-        ("evil.example/profile.shop.svc.cluster.local", "GET", Reason.NO_RULE),
+        ("evil.example:profile.shop.svc.cluster.local", "GET", Reason.HOST_INVALID),
+        ("profile.shop.svc.cluster.local@evil.example", "GET", Reason.HOST_INVALID),
+        ("evil.example/profile.shop.svc.cluster.local", "GET", Reason.HOST_INVALID),
         ("profile.shop.svc.cluster.loca", "GET", Reason.NO_RULE),
-        ("prof\u0456le.shop.svc.cluster.local", "GET", Reason.NO_RULE),  # Cyrillic i
-        ("", "GET", Reason.NO_RULE),
+        ("prof\u0456le.shop.svc.cluster.local", "GET", Reason.HOST_INVALID),  # Cyrillic i
+        ("", "GET", Reason.HOST_INVALID),
         (HOST, "get", Reason.NO_RULE),  # methods compare exactly, upper case
         (HOST, "GET ", Reason.NO_RULE),
         (HOST, "HEAD", Reason.NO_RULE),  # HEAD is not GET
@@ -822,9 +822,9 @@ def test_token_of_a_trusted_issuer_the_rule_does_not_accept() -> None:
 )
 def test_host_and_method_confusion(world: World, host: str, method: str, expected: Any) -> None:
     """Attack: a Host or method that a lenient matcher would fold onto a rule (suffix and
-    userinfo tricks, look-alike letters, lower-case or padded methods). Defence: the host is
-    compared exactly after removing only the port and a trailing dot, lower-cased; methods are
-    compared exactly."""
+    userinfo tricks, look-alike letters, lower-case or padded methods). Defence: a host that is
+    not one host[:port] is refused (host_invalid); the others are compared exactly after
+    removing only the port and a trailing dot, lower-cased; methods are compared exactly."""
     decision = world.ask(world.token(), host=host, method=method)
     if isinstance(expected, Reason):
         denied(decision, expected)

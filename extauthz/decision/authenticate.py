@@ -45,7 +45,7 @@ class Subject:
     audiences: tuple[str, ...]
     act: Mapping[str, Any] | None
     may_act: Mapping[str, Any] | None
-    not_before: float = float("-inf")  # the later of nbf and iat, when present
+    not_before: int | float = float("-inf")  # the later of nbf and iat, when present
 
 
 class SubjectCache(Protocol):
@@ -191,14 +191,16 @@ def _subject_claims(
     exp = claims.get("exp")
     if not _number(exp):
         return Deny(Reason.CLAIM_INVALID, "exp missing or not a number")
-    not_before = float("-inf")
+    # Compared as the numbers they are: an int of any size against a float is exact in
+    # Python, where converting a 400-digit int to float would overflow.
+    not_before: int | float = float("-inf")
     for name in ("nbf", "iat"):
         value = claims.get(name)
         if value is None:
             continue
         if not _number(value):
             return Deny(Reason.CLAIM_INVALID, f"{name} not a number")
-        not_before = max(not_before, float(value))
+        not_before = max(not_before, value)
 
     aud = claims.get("aud")
     token_audiences: tuple[str, ...]

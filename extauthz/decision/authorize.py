@@ -6,6 +6,7 @@ calling workload and the subject's issuer. No rule is a deny, never a default.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extauthz.decision import paths
@@ -30,12 +31,22 @@ class Request:
         return paths.join(self.segments)
 
 
-def request_of(method: str, host: str, path: str) -> Request | None:
-    """The normalised request, or None when its path cannot be normalised safely."""
+def request_of(
+    method: str, host: str, path: str, headers: Mapping[str, str] | None = None
+) -> Request | Deny:
+    """The normalised request, or a deny when its host or path cannot be read safely. A
+    ``host`` header that Envoy passed beside ``:authority`` must name the same host."""
+    name = normalise_host(host)
+    if name is None:
+        return Deny(Reason.HOST_INVALID, "host is not one host[:port]")
+    for header in (":authority", "host"):
+        other = (headers or {}).get(header)
+        if other is not None and other != host and normalise_host(other) != name:
+            return Deny(Reason.HOST_INVALID, f"{header} names another host")
     segments = paths.normalise(path)
     if segments is None:
-        return None
-    return Request(method, normalise_host(host), segments)
+        return Deny(Reason.PATH_INVALID, "path cannot be normalised safely")
+    return Request(method, name, segments)
 
 
 def authorize(subject: Subject, caller: str, request: Request, policy: Policy) -> Rule | Deny:

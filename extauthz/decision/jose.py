@@ -86,9 +86,14 @@ def _b64decode(part: str) -> bytes:
     if len(part) % 4 == 1 or not part.isascii():
         raise TokenFormatError("bad base64url")
     try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError) as exc:
         raise TokenFormatError("bad base64url") from exc
+    # One spelling per value: a last character with unused bits set decodes to the same bytes
+    # as the canonical one, and a second spelling of a token is a second cache key.
+    if b64encode(data) != part:
+        raise TokenFormatError("base64url not in canonical form")
+    return data
 
 
 def b64encode(data: bytes) -> str:
@@ -165,6 +170,15 @@ class VerifyKey:
     kid: str | None
     algorithms: frozenset[str]
     key: Any = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the key's SubjectPublicKeyInfo, base64url: the key itself, whatever its
+        kid says."""
+        der = self.key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return b64encode(hashlib.sha256(der).digest())
 
 
 def _algorithms_for_public_key(key: Any) -> frozenset[str]:

@@ -7,6 +7,8 @@ table; nothing here parses YAML or reports problems. A ``Policy`` is never chang
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,18 +253,50 @@ class Snapshot:
         return self.signing_keys[0]
 
 
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+_MAX_HOST = 253
+
+
 @functools.lru_cache(maxsize=1024)
-def normalise_host(host: str) -> str:
-    """Lower-case, without a port or a trailing dot. Rules name hosts without ports. A
-    non-ASCII host matches nothing (Unicode case folding would turn a Kelvin sign into 'k')."""
-    if not host.isascii():
-        return ""
-    host = host.strip().lower()
+def normalise_host(host: str) -> str | None:
+    """``host[:port]`` as rules name it: lower case, without the port and without one trailing
+    dot; None for anything else. The port is 1 to 65535, digits only; an IPv6 literal is in
+    brackets. Everything a lenient parser would fold onto another host is refused rather than
+    repaired (userinfo, several colons, empty labels, whitespace), because Envoy routes by the
+    raw value: a host we folded could be routed to another virtual host than the one we
+    decided for. A non-ASCII host is refused too: IDNA mapping folds look-alikes (a Kelvin
+    sign becomes 'k'), and rules name hosts in ASCII (A-labels)."""
+    if not host or not host.isascii():
+        return None
     if host.startswith("["):
         end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    name, _, _port = host.partition(":")
-    return name.rstrip(".")
+        literal, rest = host[1:end], host[end + 1 :]
+        if end < 0 or "%" in literal or not _is_ipv6(literal):
+            return None
+        name = f"[{literal.lower()}]"
+    else:
+        name, colon, port = host.partition(":")
+        rest = colon + port
+        name = name.lower()
+        if name.endswith("."):
+            name = name[:-1]
+        if len(name) > _MAX_HOST or not all(_LABEL.fullmatch(x) for x in name.split(".")):
+            return None
+    if rest and not _is_port(rest[1:] if rest.startswith(":") else ""):
+        return None
+    return name
+
+
+def _is_port(text: str) -> bool:
+    return text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def normal_typ(value: str) -> str:

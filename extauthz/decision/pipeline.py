@@ -89,10 +89,9 @@ def decide(
     if isinstance(caller, Deny):
         return _denied(caller, policy, subject=subject, cache_hit=cache_hit)
 
-    request = request_of(inp.method, inp.host, inp.path)
-    if request is None:
-        path_invalid = Deny(Reason.PATH_INVALID, "path cannot be normalised safely")
-        return _denied(path_invalid, policy, caller.spiffe_id, subject, cache_hit=cache_hit)
+    request = request_of(inp.method, inp.host, inp.path, inp.headers)
+    if isinstance(request, Deny):
+        return _denied(request, policy, caller.spiffe_id, subject, cache_hit=cache_hit)
 
     rule = authorize(subject, caller.spiffe_id, request, policy)
     if isinstance(rule, Deny):

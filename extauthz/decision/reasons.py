@@ -56,6 +56,7 @@ class Reason(enum.Enum):
 
     # authorize: 403, no rule lets this caller do this with this token
     PATH_INVALID = ("path_invalid", 400, Challenge.NONE)
+    HOST_INVALID = ("host_invalid", 400, Challenge.NONE)
     NO_RULE = ("no_rule", 403, Challenge.NONE)
     REEXCHANGE_DENIED = ("reexchange_denied", 403, Challenge.INVALID_TOKEN)
     ACTOR_NOT_PERMITTED = ("actor_not_permitted", 403, Challenge.NONE)
