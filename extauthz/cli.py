@@ -12,8 +12,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from extauthz import __version__
 from extauthz.decision.jose import generate_signing_key
@@ -23,7 +24,13 @@ from extauthz.decision.reasons import Deny
 from extauthz.demo import run_demo
 from extauthz.errors import ExtauthzError, PolicyError
 from extauthz.policy.compiler import load_policy
-from extauthz.policy.loader import assemble, load_jwks_file, load_signing_key, write_private_key
+from extauthz.policy.loader import (
+    assemble,
+    load_issuer_keys,
+    load_jwks_file,
+    load_signing_key,
+    write_private_key,
+)
 from extauthz.serve.address import split_address
 from extauthz.serve.edge import recorded_check_input
 from extauthz.tools.diff import WIDENS, diff_policies
@@ -65,8 +72,6 @@ def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
     configure_logging(args.log_level)
     if not args.signing_key and not args.dev:
         return _fail("no signing key: pass --signing-key FILE|DIR (or --dev for a throwaway one)")
-    if args.workers < 1:
-        return _fail("--workers must be at least 1")
     key_paths = [Path(p) for p in args.signing_key or []]
     dev_key = None
     if not key_paths:
@@ -196,10 +201,12 @@ def _policy_test(args: argparse.Namespace) -> int:
 def _policy_diff(args: argparse.Namespace) -> int:
     try:
         old, new = load_policy(Path(args.old)), load_policy(Path(args.new))
+        # The JWKS files are part of what a policy trusts: read them as serve would.
+        keys = (load_issuer_keys(old), load_issuer_keys(new))
     except ExtauthzError as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2
-    changes = diff_policies(old, new)
+    changes = diff_policies(old, new, keys)
     print(render_diff(changes, args.format))
     return 3 if any(c.effect == WIDENS for c in changes) else 0
 
@@ -216,7 +223,7 @@ def _explain(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2, default=str))
     else:
         print(render_explanation(result))
-    return 0
+    return 0 if result.decision.allowed else 1
 
 
 def _explain_input(args: argparse.Namespace, now: float) -> tuple[CheckInput, Snapshot]:
@@ -285,13 +292,57 @@ def _fail(message: str) -> int:
     return 2
 
 
+# --- argument types: every value checked when the command line is parsed ---------------------
+
+
+def _address(*, port_zero: bool) -> Callable[[str], str]:
+    """``host:port`` with a port of 1 to 65535 (0, "any free port", where it makes sense)."""
+
+    def parse(text: str) -> str:
+        try:
+            _host, port = split_address(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not host:port") from None
+        low = 0 if port_zero else 1
+        if not low <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r}: the port must be {low} to 65535")
+        return text
+
+    return parse
+
+
+def _optional_address(text: str) -> str:
+    return "" if text == "" else _address(port_zero=True)(text)
+
+
+def _number(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"{text!r} must be from {low:g} to {high:g}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line and exit 2, like every other operator mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("extauthz").strip()
+        self.exit(2, f"extauthz: {command + ': ' if command else ''}{message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="extauthz",
         description="Envoy ext_authz sidecar: exchanges the caller's token for a narrowed one.",
     )
     top.add_argument("--version", action="version", version=f"extauthz {__version__}")
-    sub = top.add_subparsers(dest="command", required=True)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the ext_authz gRPC server")
     serve.add_argument("--policy", required=True, help="policy YAML file")
@@ -302,52 +353,64 @@ def parser() -> argparse.ArgumentParser:
         help="PEM private key file (EC P-256 or Ed25519), or a directory of them (a mounted "
         "Secret); repeatable. All are published; see docs/operations.md for which one signs",
     )
-    serve.add_argument("--grpc-address", default="127.0.0.1:9191")
+    serve.add_argument("--grpc-address", default="127.0.0.1:9191", type=_address(port_zero=True))
     serve.add_argument(
-        "--admin-address", default="127.0.0.1:9102", help="probes and JWKS; empty to disable"
+        "--admin-address",
+        default="127.0.0.1:9102",
+        type=_optional_address,
+        help="probes and JWKS; empty to disable",
     )
     serve.add_argument("--dev", action="store_true", help="sign with an ephemeral key (unsafe)")
     serve.add_argument(
-        "--workers", type=int, default=1, help="processes; worker i listens on the gRPC port + i"
+        "--workers",
+        type=_number(int, 1, 64),
+        default=1,
+        help="processes, 1 to 64; worker i listens on the gRPC port + i",
     )
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--subject-cache-size",
-        type=int,
+        type=_number(int, 0, 10_000_000),
         default=10_000,
-        help="verified subject tokens remembered per process (0 disables)",
+        help="verified subject tokens remembered per process (0 disables; at most 10,000,000)",
     )
     serve.add_argument(
-        "--poll-interval", type=float, default=2.0, help="seconds between checks for changed files"
+        "--poll-interval",
+        type=_number(float, 0.1, 3600),
+        default=2.0,
+        help="seconds between checks for changed files, 0.1 to 3600",
     )
     serve.add_argument(
         "--key-activation-delay",
-        type=float,
+        type=_number(float, 0, 86400),
         default=60.0,
-        help="seconds a newly added key is published before it signs",
+        help="seconds a newly added key is published before it signs, 0 to 86400",
     )
     serve.add_argument(
-        "--grace", type=float, default=10.0, help="seconds to finish in-flight checks on SIGTERM"
+        "--grace",
+        type=_number(float, 0, 3600),
+        default=10.0,
+        help="seconds to finish in-flight checks on SIGTERM, 0 to 3600",
     )
     serve.add_argument(
         "--drain-delay",
-        type=float,
+        type=_number(float, 0, 3600),
         default=1.0,
-        help="seconds to keep answering while reporting NOT_SERVING on SIGTERM",
+        help="seconds to keep answering while reporting NOT_SERVING on SIGTERM, 0 to 3600",
     )
     serve.add_argument("--no-decision-log", action="store_true", help="do not log decisions")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="signing key tools")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     gen = keys_sub.add_parser("generate", help="write a new private key, print its public JWK")
     gen.add_argument("--alg", choices=["ES256", "EdDSA"], default="ES256")
     gen.add_argument("--out", required=True, help="where to write the PEM private key (0600)")
     gen.set_defaults(func=_keys_generate)
 
     policy = sub.add_parser("policy", help="lint, test and diff policies")
-    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
     lint = policy_sub.add_parser("lint", help="report what widens the blast radius of tokens")
     lint.add_argument("files", nargs="+", metavar="FILE")
     lint.add_argument("--strict", action="store_true", help="warnings fail too")
@@ -381,12 +444,12 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--claims", help="more simulated token claims, as JSON")
     exp.add_argument("--certificate", action="store_true", help="simulate a peer certificate")
     exp.add_argument("--no-token", action="store_true", help="simulate a request without token")
-    exp.add_argument("--now", type=float, help="decide at this Unix time")
+    exp.add_argument("--now", type=_number(float, 0, 1e11), help="decide at this Unix time")
     exp.add_argument("--format", choices=["text", "json"], default="text")
     exp.set_defaults(func=_explain)
 
     status = sub.add_parser("status", help="ask a running sidecar what it runs")
-    status.add_argument("--admin-address", default="127.0.0.1:9102")
+    status.add_argument("--admin-address", default="127.0.0.1:9102", type=_address(port_zero=False))
     status.set_defaults(func=_status)
 
     demo = sub.add_parser("demo", help="run a narrated exchange through a real Envoy")
@@ -397,8 +460,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``extauthz`` command; its exit code."""
     args = parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (``extauthz explain ... | head``): nothing left to say to it,
+        # and the interpreter must not complain while flushing at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

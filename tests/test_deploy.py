@@ -155,16 +155,20 @@ def host_of(address: str) -> str:
     return address.rsplit(":", 1)[0]
 
 
-def atomic_volume(directory: Path, files: dict[str, bytes], version: str = "1") -> Path:
+def atomic_volume(
+    directory: Path, files: dict[str, bytes], version: str = "1", mode: int = 0o440
+) -> Path:
     """Lay `files` out the way the kubelet writes a ConfigMap or Secret volume: real files in
-    a timestamped directory, `..data` pointing at it, and each top-level name a symlink
-    through `..data`. Calling it again with another version swaps `..data` atomically."""
+    a timestamped directory (with the volume's defaultMode, 0440 as the Deployment sets it),
+    `..data` pointing at it, and each top-level name a symlink through `..data`. Calling it
+    again with another version swaps `..data` atomically."""
     directory.mkdir(parents=True, exist_ok=True)
     stamp = directory / f"..{version}"
     for relative, content in files.items():
         target = stamp / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content)
+        target.chmod(mode)
     staged = directory / "..data_tmp"
     staged.symlink_to(stamp.name)
     staged.replace(directory / "..data")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from clikit import EXTRA_RULE, in_process
 
+from extauthz.demo.idp import Idp
 from extauthz.policy.compiler import compile_policy
 from extauthz.tools.diff import NARROWS, NEUTRAL, WIDENS, Change, diff_policies
 
@@ -47,6 +49,9 @@ def diff_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``policy diff`` on two policy texts; ``real`` runs the installed entry point."""
     a, b = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    # The JWKS files the policies name are read as serve reads them.
+    shutil.copytree(EXAMPLE.parent / "issuers", tmp_path / "issuers", dirs_exist_ok=True)
+    Idp("https://partner.example.com").write_jwks(tmp_path / "issuers" / "partner-idp.json")
     a.write_text(old, encoding="utf-8")
     b.write_text(new, encoding="utf-8")
     if not real:
@@ -254,3 +259,63 @@ def test_invalid_policy_exits_2(tmp_path: Path) -> None:
 def test_missing_file_exits_2(tmp_path: Path) -> None:
     result = in_process("policy", "diff", EXAMPLE, tmp_path / "x")
     assert result.returncode == 2
+
+
+# --- the keys a trusted issuer's JWKS file holds -----------------------------------------------
+
+
+def _with_jwks(directory: Path, keys: list[Idp]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "issuers").mkdir(exist_ok=True)
+    jwks = {"keys": [key for idp in keys for key in idp.jwks()["keys"]]}
+    (directory / "issuers" / "corp-idp.json").write_text(json.dumps(jwks))
+    policy = directory / "policy.yaml"
+    policy.write_text(BASE, encoding="utf-8")
+    return policy
+
+
+def test_a_key_added_to_a_trusted_issuer_widens(tmp_path: Path) -> None:
+    """Adding a key to a JWKS file adds trust: whoever holds it can mint subject tokens."""
+    first, second = Idp("https://idp.example.com"), Idp("https://idp.example.com")
+    old = _with_jwks(tmp_path / "old", [first])
+    new = _with_jwks(tmp_path / "new", [first, second])
+    result = in_process("policy", "diff", "--format", "json", old, new)
+    assert result.returncode == 3, result.stdout + result.stderr
+    (change,) = [
+        c for c in json.loads(result.stdout)["changes"] if c["kind"].startswith("issuer-key")
+    ]
+    assert change["effect"] == WIDENS and change["kind"] == "issuer-key-added"
+    assert second.key.kid in change["detail"]
+    back = in_process("policy", "diff", "--format", "json", new, old)
+    assert back.returncode == 0
+    kinds = {c["kind"]: c["effect"] for c in json.loads(back.stdout)["changes"]}
+    assert kinds["issuer-key-removed"] == NARROWS
+
+
+def test_a_key_replaced_under_the_same_kid_is_seen(tmp_path: Path) -> None:
+    first, second = Idp("https://idp.example.com"), Idp("https://idp.example.com")
+    old = _with_jwks(tmp_path / "old", [first])
+    new = _with_jwks(tmp_path / "new", [second])
+    doc = json.loads((new.parent / "issuers" / "corp-idp.json").read_text())
+    doc["keys"][0]["kid"] = first.key.kid
+    (new.parent / "issuers" / "corp-idp.json").write_text(json.dumps(doc))
+    result = in_process("policy", "diff", old, new)
+    assert result.returncode == 3 and "issuer-key-added" in result.stdout
+
+
+def test_keys_from_a_url_are_not_fetched_and_it_says_so(tmp_path: Path) -> None:
+    text = BASE.replace(
+        "jwks: {file: issuers/corp-idp.json}",
+        "jwks: {url: 'https://idp.example.com/jwks.json'}",
+    )
+    result = diff_cli(tmp_path, text, text)
+    assert result.returncode == 0, result.stderr
+    assert "issuer-keys-not-compared" in result.stdout and "does not fetch" in result.stdout
+
+
+def test_an_unreadable_jwks_file_is_exit_2(tmp_path: Path) -> None:
+    old = _with_jwks(tmp_path / "old", [Idp("https://idp.example.com")])
+    new = _with_jwks(tmp_path / "new", [Idp("https://idp.example.com")])
+    (new.parent / "issuers" / "corp-idp.json").write_text("{not json")
+    result = in_process("policy", "diff", old, new)
+    assert result.returncode == 2 and "corp-idp" in result.stderr

@@ -47,8 +47,9 @@ def run(*args: str | Path, real: bool = False) -> subprocess.CompletedProcess[st
 
 def explain_json(*args: str | Path) -> dict[str, Any]:
     result = run(*args, "--format", "json")
-    assert result.returncode == 0, result.stdout + result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
+    # The exit code is the verdict: 0 allow, 1 deny (2 is for input it cannot use).
+    assert result.returncode == (0 if doc["decision"] == "allow" else 1), result.stderr
     return doc
 
 

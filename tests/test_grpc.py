@@ -576,6 +576,7 @@ def test_serve_refuses_a_key_that_is_not_a_pem_key(
     config = write_config(tmp_path, example_policy_text)
     bad = tmp_path / "bad-key.pem"
     bad.write_text(content, encoding="ascii")
+    bad.chmod(0o600)
     stderr = assert_refused(
         serve(tmp_path, "--policy", str(config.policy), "--signing-key", str(bad))
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from extauthz.decision import paths
+from extauthz.decision.jose import generate_signing_key
 from extauthz.decision.model import Policy, WorkloadPattern
-from extauthz.errors import PolicyError
+from extauthz.errors import ExtauthzError, PolicyError
+from extauthz.policy.compiler import MAX_POLICY_BYTES
+from extauthz.policy.loader import read_inputs, write_private_key
 from extauthz.tools.lint import (
     CHECKS,
     ERROR,
@@ -540,6 +544,8 @@ def lint(*args: str | Path, real: bool = False) -> subprocess.CompletedProcess[s
 def write(tmp_path: Path, text: str, name: str = "policy.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
+    # Lint reads the JWKS files the policy names, as serve does.
+    shutil.copytree(EXAMPLE.parent / "issuers", tmp_path / "issuers", dirs_exist_ok=True)
     return path
 
 
@@ -1015,3 +1021,72 @@ def test_table_overlaps_match_a_brute_force_oracle(rules: list[dict[str, Any]]) 
     expected = _oracle(rules)
     event("overlaps" if expected else "disjoint")
     assert overlap_pairs(policy) == expected
+
+
+# --- lint and serve load alike ------------------------------------------------------------------
+
+
+def _example_with(tmp_path: Path, text: str, jwks: str | None = "example") -> Path:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text, encoding="utf-8")
+    if jwks == "example":
+        shutil.copytree(EXAMPLE.parent / "issuers", tmp_path / "issuers", dirs_exist_ok=True)
+    elif jwks is not None:
+        (tmp_path / "issuers").mkdir(exist_ok=True)
+        (tmp_path / "issuers" / "corp-idp.json").write_text(jwks)
+    return policy
+
+
+REFUSED_BY_SERVE = {
+    "jwks-missing": (EXAMPLE.read_text(), None),
+    "jwks-not-json": (EXAMPLE.read_text(), "{not json"),
+    "jwks-no-keys": (EXAMPLE.read_text(), '{"keys": []}'),
+    "jwks-private-key": (
+        EXAMPLE.read_text(),
+        json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "x": "a", "y": "b", "d": "c"}]}),
+    ),
+    "too-large": (EXAMPLE.read_text() + "#" * (MAX_POLICY_BYTES + 1), "example"),
+    "yaml-cut-off": (EXAMPLE.read_text()[:-40] + "\n  - id: [", "example"),
+    "unknown-field": (EXAMPLE.read_text().replace("rules:", "rulez: []\nrules:", 1), "example"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_BY_SERVE))
+def test_every_document_serve_refuses_is_a_lint_error(tmp_path: Path, name: str) -> None:
+    """docs/policy.md promises that a policy that lints clean also loads: lint runs the reader,
+    the compiler and the JWKS loading that serve runs."""
+    text, jwks = REFUSED_BY_SERVE[name]
+    policy = _example_with(tmp_path, text, jwks)
+    write_private_key(generate_signing_key(), tmp_path / "key.pem")
+    with pytest.raises(ExtauthzError):
+        read_inputs(policy, [tmp_path / "key.pem"])
+    errors = [f for f in lint_file(policy) if f.severity == ERROR]
+    assert errors, name
+
+
+def test_a_policy_that_lints_clean_loads(tmp_path: Path) -> None:
+    policy = _example_with(tmp_path, EXAMPLE.read_text())
+    write_private_key(generate_signing_key(), tmp_path / "key.pem")
+    assert [f for f in lint_file(policy) if f.severity == ERROR] == []
+    assert read_inputs(policy, [tmp_path / "key.pem"]).policy.rules
+
+
+def test_too_large_is_said_so_not_linted_cut_off(tmp_path: Path) -> None:
+    policy = _example_with(tmp_path, EXAMPLE.read_text() + "#" * (MAX_POLICY_BYTES + 1))
+    findings = lint_file(policy)
+    assert [f.message for f in findings] == [f"larger than {MAX_POLICY_BYTES} bytes"]
+
+
+def test_no_rules_is_a_warning(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    policy = _example_with(tmp_path, text[: text.index("rules:")] + "rules: []\n")
+    (finding,) = lint_file(policy)
+    assert (finding.severity, finding.check, finding.field) == (WARNING, "rules-empty", "rules")
+    assert finding.line == text[: text.index("rules:")].count("\n") + 1
+
+
+def test_a_yaml_error_at_the_end_names_a_line_of_the_file(tmp_path: Path) -> None:
+    text = "apiVersion: extauthz/v1\nkind: [ExchangePolicy\n"
+    policy = _example_with(tmp_path, text)
+    (finding,) = lint_file(policy)
+    assert finding.line is not None and 1 <= finding.line <= 2

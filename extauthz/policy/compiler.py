@@ -59,6 +59,7 @@ __all__ = [
     "load_policy",
     "parse_document",
     "parse_duration",
+    "read_policy_text",
 ]
 
 # What a document must declare itself as, and the largest one read.
@@ -118,6 +119,12 @@ _AMBIGUOUS = "rules-ambiguous"
 
 def load_policy(path: Path) -> Policy:
     """Read and compile a policy file. Relative JWKS paths resolve against its directory."""
+    return compile_policy(read_policy_text(path), source=str(path), base_dir=path.parent)
+
+
+def read_policy_text(path: Path) -> str:
+    """The text of a policy file, as ``serve`` and ``policy lint`` both read it: at most
+    ``MAX_POLICY_BYTES``, UTF-8. Raises ``PolicyError`` naming what is wrong."""
     source = str(path)
     try:
         with path.open("rb") as fh:
@@ -127,10 +134,9 @@ def load_policy(path: Path) -> Policy:
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError([Problem(source, "", "", f"larger than {MAX_POLICY_BYTES} bytes")])
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PolicyError([Problem(source, "", "", "not UTF-8")]) from exc
-    return compile_policy(text, source=source, base_dir=path.parent)
 
 
 def compile_policy(text: str, *, source: str = "<policy>", base_dir: Path | None = None) -> Policy:
@@ -146,7 +152,9 @@ def parse_document(text: str, *, source: str = "<policy>") -> Any:
         return yamlsrc.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
+        # PyYAML marks an error at the end of the text on the line after the last one.
+        last = text.count("\n") + (0 if text.endswith("\n") else 1)
+        line = min(mark.line + 1, max(last, 1)) if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError([Problem(source, "", "", f"not valid YAML: {problem}", line)]) from exc
     except RecursionError as exc:

@@ -146,9 +146,17 @@ def load_jwks_file(path: Path) -> IssuerKeys:
 
 
 def load_signing_key(path: Path) -> SigningKey:
-    """One of our signing keys from a PEM file."""
+    """One of our signing keys from a PEM file that only its owner and group may read (a
+    Kubernetes Secret mounted with ``fsGroup`` is group-readable)."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if mode & 0o006:
+                raise KeyLoadError(
+                    f"{path}: readable or writable by others (mode {mode & 0o777:04o}); "
+                    "a signing key must be 0600 or 0640 (chmod o-rwx)"
+                )
+            data = fh.read()
     except OSError as exc:
         raise KeyLoadError(f"{path}: {exc.strerror or exc}") from exc
     return _with_path(path, signing_key_from_pem, data)

@@ -44,7 +44,10 @@ class AdminServer:
     async def start(self, address: str) -> int:
         """Listen on ``address``; the port actually bound (for port 0)."""
         host, port = split_address(address)
-        self._server = await asyncio.start_server(self._handle, host, port)
+        try:
+            self._server = await asyncio.start_server(self._handle, host, port)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

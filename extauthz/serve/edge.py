@@ -58,13 +58,13 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput | Deny:
 
 
 def recorded_check_input(text: str) -> CheckInput | Deny:
-    """The input of a CheckRequest recorded as protobuf JSON (``explain --request``)."""
+    """The input of a CheckRequest recorded as protobuf JSON (``explain --request``). Unknown
+    fields are an error: a misspelt field would replay another request than the one meant."""
     try:
-        message = json_format.Parse(
-            text, external_auth_pb2.CheckRequest(), ignore_unknown_fields=True
-        )
+        message = json_format.Parse(text, external_auth_pb2.CheckRequest())
     except json_format.ParseError as exc:
-        raise ValueError(f"not a CheckRequest in protobuf JSON: {exc}") from exc
+        reason = " ".join(str(exc).split())  # protobuf's message spans lines
+        raise ValueError(f"not a CheckRequest in protobuf JSON: {reason}") from exc
     return check_input(message)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -11,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extauthz.decision.pipeline import CheckInput, Decision
 from extauthz.decision.reasons import Deny, Reason
 from extauthz.serve import edge
+from extauthz.serve.address import split_address
 from extauthz.serve.sidecar import Sidecar
 
 __all__ = ["AUTHZ_SERVICE", "GrpcEdge", "GrpcFront"]
@@ -59,7 +61,11 @@ class GrpcFront:
 
     async def start(self, address: str) -> int:
         """Listen on ``address``; the port actually bound (for port 0)."""
-        port = int(self.server.add_insecure_port(address))
+        _check_bindable(address)
+        try:
+            port = int(self.server.add_insecure_port(address))
+        except RuntimeError as exc:  # grpc says only "Failed to bind"
+            raise OSError(f"cannot listen on {address}: in use, or not an address here") from exc
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
@@ -83,3 +89,17 @@ class GrpcFront:
         if drain_delay > 0:
             await asyncio.sleep(drain_delay)
         await self.server.stop(grace)
+
+
+def _check_bindable(address: str) -> None:
+    """Bind once ourselves, so a busy or foreign address fails with the system's reason
+    (grpc only says "Failed to bind", after logging its own line)."""
+    host, port = split_address(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _name, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from exc

@@ -57,13 +57,21 @@ async def serve_single(
     front = GrpcFront(sidecar) if addresses.grpc else None
     admin = AdminServer(runtime) if addresses.admin else None
     stop = await run_until_signalled(runtime.request_reload, stop)
-    await runtime.start()
-    if front is not None and addresses.grpc is not None:
-        port = await front.start(addresses.grpc)
-        log.info("ext_authz gRPC on %s:%d", addresses.grpc.rpartition(":")[0], port)
-    if admin is not None and addresses.admin is not None:
-        admin_port = await admin.start(addresses.admin)
-        log.info("admin HTTP on %s:%d", split_address(addresses.admin)[0], admin_port)
+    try:
+        await runtime.start()
+        if front is not None and addresses.grpc is not None:
+            port = await front.start(addresses.grpc)
+            log.info("ext_authz gRPC on %s:%d", addresses.grpc.rpartition(":")[0], port)
+        if admin is not None and addresses.admin is not None:
+            admin_port = await admin.start(addresses.admin)
+            log.info("admin HTTP on %s:%d", split_address(addresses.admin)[0], admin_port)
+    except OSError:
+        # Close what did start, inside the event loop, so the caller's one-line reason is
+        # all the operator sees.
+        if front is not None:
+            await front.server.stop(0)
+        await runtime.remote.close()
+        raise
     reloader = asyncio.create_task(runtime.run(stop))
     flusher = asyncio.create_task(_flush_periodically(sidecar.decision_log))
     await stop.wait()

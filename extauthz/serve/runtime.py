@@ -289,6 +289,11 @@ class Runtime:
             order[0].kid,
             len(order),
         )
+        if not loaded.policy.rules and (current is None or current.policy is not loaded.policy):
+            log.warning(
+                "the policy %s has no rules: every request is denied (no_rule)",
+                loaded.policy.source,
+            )
 
     # -- the admin port's Status --
 

@@ -108,13 +108,13 @@ class Supervisor:
 
     async def run(self, admin_address: str | None, grace: float, drain_delay: float = 0.0) -> int:
         stop = await run_until_signalled(self._reload)
-        for worker in self.workers:
-            worker.start()
         admin = AdminServer(self) if admin_address else None
-        if admin is not None:
-            assert admin_address is not None
+        if admin is not None and admin_address is not None:
+            # Before any worker: a port that cannot be had must not leave workers behind.
             port = await admin.start(admin_address)
             log.info("admin HTTP on %s:%d (all workers)", split_address(admin_address)[0], port)
+        for worker in self.workers:
+            worker.start()
         tasks = [asyncio.create_task(self._watch(w)) for w in self.workers]
         tasks.append(asyncio.create_task(self.runtime.run(stop)))
         await stop.wait()

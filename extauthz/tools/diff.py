@@ -8,10 +8,11 @@ fails the change when anything widens.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from extauthz.decision.jose import IssuerKeys
 from extauthz.decision.model import Policy, Rule, TrustedIssuer
 
 __all__ = ["NARROWS", "NEUTRAL", "WIDENS", "Change", "diff_policies", "render"]
@@ -53,9 +54,17 @@ def render(changes: Sequence[Change], output: str = "text") -> str:
     return "\n".join(lines)
 
 
-def diff_policies(old: Policy, new: Policy) -> list[Change]:
-    """Every change from ``old`` to ``new``, rules compared by id."""
+def diff_policies(
+    old: Policy,
+    new: Policy,
+    keys: tuple[Mapping[str, IssuerKeys], Mapping[str, IssuerKeys]] | None = None,
+) -> list[Change]:
+    """Every change from ``old`` to ``new``, rules compared by id. With ``keys`` (each
+    policy's issuer keys loaded from its JWKS files), a key added to a trusted issuer widens
+    and a key removed narrows; keys from URLs are not fetched, and the report says so."""
     changes = [*_exchange(old, new), *_issuers(old, new), *_workloads(old, new)]
+    if keys is not None:
+        changes.extend(_issuer_keys(old, new, *keys))
     old_rules = {r.id: r for r in old.rules}
     new_rules = {r.id: r for r in new.rules}
     for ident in sorted(new_rules.keys() - old_rules.keys()):
@@ -162,6 +171,40 @@ def _issuer(a: TrustedIssuer, b: TrustedIssuer) -> Iterator[Change]:
             yield Change(change.effect, change.kind, None, f"{label}: {change.detail}")
     if a.jwks != b.jwks:
         yield Change(NEUTRAL, "issuer-jwks-changed", None, f"{label}: {a.jwks} -> {b.jwks}")
+
+
+def _issuer_keys(
+    old: Policy,
+    new: Policy,
+    old_keys: Mapping[str, IssuerKeys],
+    new_keys: Mapping[str, IssuerKeys],
+) -> Iterator[Change]:
+    for ident in sorted(old.issuers.keys() & new.issuers.keys()):
+        label = f"issuer {ident}"
+        if new.issuers[ident].jwks.url is not None or old.issuers[ident].jwks.url is not None:
+            yield Change(
+                NEUTRAL,
+                "issuer-keys-not-compared",
+                None,
+                f"{label}: keys come from a URL, which diff does not fetch",
+            )
+            continue
+        before = _by_fingerprint(old_keys.get(ident))
+        after = _by_fingerprint(new_keys.get(ident))
+        for fingerprint in sorted(after.keys() - before.keys()):
+            detail = f"{label}: trusts key {after[fingerprint]}"
+            yield Change(WIDENS, "issuer-key-added", None, detail)
+        for fingerprint in sorted(before.keys() - after.keys()):
+            detail = f"{label}: no longer trusts key {before[fingerprint]}"
+            yield Change(NARROWS, "issuer-key-removed", None, detail)
+
+
+def _by_fingerprint(keys: IssuerKeys | None) -> dict[str, str]:
+    """Each key by what it is, named by its kid (or its fingerprint when it has none)."""
+    if keys is None:
+        return {}
+    found = [*keys.by_kid.values(), *keys.without_kid]
+    return {k.fingerprint: k.kid or f"sha256:{k.fingerprint}" for k in found}
 
 
 def _workloads(old: Policy, new: Policy) -> Iterator[Change]:

@@ -18,6 +18,7 @@ from extauthz.decision.authorize import request_of
 from extauthz.decision.jose import IssuerKeys, TokenFormatError, parse_compact
 from extauthz.decision.model import SELF_ISSUER_ID, Rule, Snapshot, WorkloadPattern, normalise_host
 from extauthz.decision.pipeline import CheckInput, Decision, decide
+from extauthz.decision.reasons import Deny
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,8 @@ class Explanation:
 def explain(inp: CheckInput, snap: Snapshot, now: float) -> Explanation:
     decision = decide(inp, snap, now, lambda: secrets.token_urlsafe(16))
     token = _token_facts(inp.headers, snap)
-    request = request_of(inp.method, inp.host, inp.path)
+    found = request_of(inp.method, inp.host, inp.path, inp.headers)
+    request = None if isinstance(found, Deny) else found
     issuer_id = token.get("issuer_id")
     caller = decision.caller or inp.principal
     req = {

@@ -21,9 +21,14 @@ from typing import Any
 
 from extauthz.decision.identity import parse_spiffe_id
 from extauthz.decision.model import Policy, Rule, TrustedIssuer
-from extauthz.errors import PolicyError
+from extauthz.errors import KeyLoadError, PolicyError
 from extauthz.policy import yamlsrc
-from extauthz.policy.compiler import MAX_POLICY_BYTES, compile_document, parse_document
+from extauthz.policy.compiler import (
+    compile_document,
+    parse_document,
+    read_policy_text,
+)
+from extauthz.policy.loader import load_issuer_keys
 from extauthz.policy.table import overlapping_rules
 
 __all__ = [
@@ -49,6 +54,7 @@ __all__ = [
     "purpose_vague",
     "reexchange",
     "rule_many_issuers",
+    "rules_empty",
     "rules_overlap",
     "scope_catch_all",
     "shadow_mode",
@@ -118,14 +124,35 @@ _COMPILE_HINTS = {
 
 
 def lint_file(path: Path) -> list[Finding]:
-    """Lint one policy file. Raises ``UnreadablePolicy`` when it cannot be read as UTF-8."""
+    """Lint one policy file as ``serve`` loads it: the same reader (size limit, UTF-8), the
+    same compiler, and the JWKS files it names read and parsed. Raises ``UnreadablePolicy``
+    when the file cannot be opened."""
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_POLICY_BYTES + 1)
-        text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UnreadablePolicy(f"{path}: {getattr(exc, 'strerror', None) or exc}") from exc
-    return lint_text(text, source=str(path), base_dir=path.parent)
+        text = read_policy_text(path)
+    except PolicyError as exc:
+        if not path.is_file():
+            raise UnreadablePolicy(f"{path}: {exc.problems[0].message}") from exc
+        return _compile_findings(exc)
+    findings, policy = _lint(text, str(path), path.parent)
+    if policy is None:
+        return findings
+    try:
+        load_issuer_keys(policy)
+    except KeyLoadError as exc:
+        findings.insert(
+            0,
+            Finding(
+                ERROR,
+                "invalid-policy",
+                str(path),
+                None,
+                None,
+                "trustedIssuers",
+                f"serve would refuse it: {exc}",
+                "give every trusted issuer a JWKS file that exists and holds its public keys",
+            ),
+        )
+    return findings
 
 
 def lint_text(
@@ -133,28 +160,38 @@ def lint_text(
 ) -> list[Finding]:
     """Lint a policy document: its compile problems as errors if it does not compile, else what
     every check finds. Sorted errors first, then by line."""
+    return _lint(text, source, base_dir)[0]
+
+
+def _lint(text: str, source: str, base_dir: Path | None) -> tuple[list[Finding], Policy | None]:
+    """The findings, and the compiled policy when it compiles (one parse, one compile)."""
     try:
         raw = parse_document(text, source=source)
         policy = compile_document(raw, text, source=source, base_dir=base_dir)
     except PolicyError as exc:
-        return [
-            Finding(
-                ERROR,
-                p.code,
-                p.file,
-                p.line,
-                _rule_id(p.where),
-                p.field,
-                p.message,
-                _COMPILE_HINTS.get(p.code, _COMPILE_HINTS["invalid-policy"]),
-            )
-            for p in exc.problems
-        ]
+        return _compile_findings(exc), None
     findings: list[Finding] = []
     for check in CHECKS:
         findings.extend(check(policy, raw))
     order = {ERROR: 0, WARNING: 1, INFO: 2}
-    return sorted(findings, key=lambda f: (order[f.severity], f.line or 0, f.check))
+    findings.sort(key=lambda f: (order[f.severity], f.line or 0, f.check))
+    return findings, policy
+
+
+def _compile_findings(exc: PolicyError) -> list[Finding]:
+    return [
+        Finding(
+            ERROR,
+            p.code,
+            p.file,
+            p.line,
+            _rule_id(p.where),
+            p.field,
+            p.message,
+            _COMPILE_HINTS.get(p.code, _COMPILE_HINTS["invalid-policy"]),
+        )
+        for p in exc.problems
+    ]
 
 
 def _rule_id(where: str) -> str | None:
@@ -537,7 +574,23 @@ def reexchange(policy: Policy, raw: Any) -> Iterator[Finding]:
             )
 
 
+def rules_empty(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """A policy without rules: it loads, and then denies every request."""
+    if not policy.rules:
+        yield Finding(
+            WARNING,
+            "rules-empty",
+            policy.source,
+            _raw_line(raw, "rules"),
+            None,
+            "rules",
+            "the policy has no rules: every request would be denied (no_rule)",
+            "add the exchange paths this sidecar should allow, or do not deploy it yet",
+        )
+
+
 CHECKS: tuple[Check, ...] = (
+    rules_empty,
     audience_not_single_system,
     audience_shared,
     ttl_long,
