@@ -131,7 +131,8 @@ def lint_file(path: Path) -> list[Finding]:
         text = read_policy_text(path)
     except PolicyError as exc:
         if not path.is_file():
-            raise UnreadablePolicy(f"{path}: {exc.problems[0].message}") from exc
+            reason = exc.problems[0].message.removeprefix("cannot read: ")
+            raise UnreadablePolicy(f"{path}: {reason}") from exc
         return _compile_findings(exc)
     findings, policy = _lint(text, str(path), path.parent)
     if policy is None:
