@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from extauthz.policy.loader import (
     load_signing_key,
     write_private_key,
 )
-from extauthz.serve.address import split_address
+from extauthz.serve.address import is_loopback, split_address
 from extauthz.serve.edge import recorded_check_input
 from extauthz.tools.diff import WIDENS, diff_policies
 from extauthz.tools.diff import render as render_diff
@@ -117,11 +118,20 @@ def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
             from extauthz.serve.workers import Supervisor, worker_addresses
 
             addresses = worker_addresses(args.grpc_address, args.workers)
-            supervisor = Supervisor(runtime, _worker_argv(args, key_paths), addresses)
+            argv = _worker_argv(args, key_paths)
+            supervisor = Supervisor(runtime, argv, addresses, args.http_address or None)
             return asyncio.run(
                 supervisor.run(args.admin_address or None, args.grace, args.drain_delay)
             )
-        front = Addresses(args.grpc_address, args.admin_address or None)
+        http_socket = None
+        if args.http_fd is not None:  # a worker: the supervisor's listening socket
+            http_socket = socket.socket(fileno=args.http_fd)
+        front = Addresses(
+            args.grpc_address,
+            args.admin_address or None,
+            http=args.http_address if http_socket is None else None,
+            http_socket=http_socket,
+        )
         asyncio.run(
             serve_single(sidecar, runtime, front, grace=args.grace, drain_delay=args.drain_delay)
         )
@@ -284,7 +294,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return run_demo(as_json=args.json, keep=args.keep)
+    return run_demo(as_json=args.json, keep=args.keep, front=args.front)
 
 
 def _fail(message: str) -> int:
@@ -309,6 +319,16 @@ def _address(*, port_zero: bool) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _loopback_address(text: str) -> str:
+    address = _address(port_zero=True)(text)
+    if not is_loopback(split_address(address)[0]):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the HTTP front trusts the XFCC header the local Envoy sets, so it "
+            "listens on loopback only (127.0.0.1, ::1 or localhost)"
+        )
+    return address
 
 
 def _optional_address(text: str) -> str:
@@ -360,6 +380,12 @@ def parser() -> argparse.ArgumentParser:
         type=_optional_address,
         help="probes and JWKS; empty to disable",
     )
+    serve.add_argument(
+        "--http-address",
+        type=_loopback_address,
+        help="also serve Envoy's HTTP ext_authz protocol here (loopback only; envoy-http.yaml)",
+    )
+    serve.add_argument("--http-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--dev", action="store_true", help="sign with an ephemeral key (unsafe)")
     serve.add_argument(
         "--workers",
@@ -455,6 +481,12 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a narrated exchange through a real Envoy")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead")
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo.add_argument(
+        "--front",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="how Envoy asks extauthz: ext_authz over gRPC (envoy.yaml) or HTTP (envoy-http.yaml)",
+    )
     demo.set_defaults(func=_demo)
     return top
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -107,7 +108,10 @@ def test_allowed_mints_exactly_the_narrowed_claims(tmp_path: Path) -> None:
         req={"path": "/admin"},
     )
     decision = env.ask(
-        token, host="Profile.Shop.svc.cluster.local:8443", path="/v1/./customers//42?x=/admin"
+        token,
+        host="Profile.Shop.svc.cluster.local:8443",
+        path="/v1/./customers//42?x=/admin",
+        headers={"proxy-authorization": "Basic dXNlcjpwdw=="},
     )
     claims = minted(env, decision)
     assert claims == {
@@ -126,9 +130,23 @@ def test_allowed_mints_exactly_the_narrowed_claims(tmp_path: Path) -> None:
     assert decision.rule is not None and decision.rule.id == "orders-read-profile"
     assert decision.caller == k.ORDERS
     assert decision.header == "authorization"
-    assert "authorization" not in decision.strip_headers
-    assert {"proxy-authorization", "txn-token"} <= set(decision.strip_headers)
+    # The minted token overwrites authorization; of the other credential headers, only the
+    # one the request carried is removed (Envoy sent every header).
+    assert decision.strip_headers == ("proxy-authorization",)
     assert token not in decision.token  # type: ignore[operator]
+
+
+def test_a_partial_view_of_the_headers_removes_every_credential_header(tmp_path: Path) -> None:
+    """The HTTP front sees only the headers Envoy forwards, so it cannot know which credential
+    headers the request carries: then all of them are removed."""
+    env = make_env(tmp_path)
+    inp = dataclasses.replace(k.request(env.token()), all_headers=False)
+    decision = env.decide(inp)
+    assert decision.allowed
+    assert {"proxy-authorization", "txn-token", "x-id-token"} <= set(decision.strip_headers)
+    assert "authorization" not in decision.strip_headers
+    seen = env.decide(k.request(env.token()))
+    assert seen.allowed and seen.strip_headers == ()
 
 
 def test_act_is_only_the_caller_when_the_subject_has_none(env: Env) -> None:

@@ -69,6 +69,10 @@ def read_request(**overrides: Any) -> SimRequest:
     return SimRequest(**fields)
 
 
+# A second credential header beside the bearer token: an enforced allow removes it.
+CREDENTIAL_HEADERS = {"x-forwarded-access-token": "opaque"}
+
+
 def update_request(**overrides: Any) -> SimRequest:
     return read_request(method="PUT", path="/v1/customers/42/address", **overrides)
 
@@ -103,7 +107,7 @@ def minted_header_names(decision: Decision) -> tuple[set[str], set[str]]:
 def test_enforced_rule_mutates_headers_as_a_baseline() -> None:
     """The same request under the unmodified policy does set and remove headers, so the
     shadow assertions below would notice an enforced response."""
-    decision = decide(simulator(BASE), read_request())
+    decision = decide(simulator(BASE), read_request(headers=CREDENTIAL_HEADERS))
     assert decision.allowed and not decision.shadow and decision.token
     set_, removed = minted_header_names(decision)
     assert set_ == {"authorization"}
@@ -203,7 +207,7 @@ def test_shadow_enforce_mix_only_the_shadow_rule_passes_untouched() -> None:
     assert shadowed.shadow
     assert_passes_untouched(shadowed)
 
-    enforced = decide(sim, update_request())
+    enforced = decide(sim, update_request(headers=CREDENTIAL_HEADERS))
     assert enforced.allowed
     assert enforced.shadow is False
     assert enforced.token

@@ -179,14 +179,19 @@ class Caller:
     thumbprint: str | None  # x5t#S256 of the caller's own certificate, when known
 
 
-def identify(principal: str, peer_certificate: str, xfcc: str, policy: Policy) -> Caller | Deny:
-    """The caller: the mTLS peer (``source.principal``, and its certificate when Envoy sends
-    it), or, only when that peer is a named trusted hop, the client that hop vouches for in
-    its XFCC element (and that element's certificate hash)."""
+def identify(
+    principal: str, peer_certificate: str, xfcc: str, policy: Policy, certificate_hash: str = ""
+) -> Caller | Deny:
+    """The caller: the mTLS peer (its SPIFFE ID, and its certificate or the certificate's hash
+    when Envoy sends either), or, only when that peer is a named trusted hop, the client that
+    hop vouches for in its XFCC element (and that element's certificate hash)."""
     peer = parse_spiffe_id(principal) if principal else None
     if peer is None:
-        return Deny(Reason.WORKLOAD_UNIDENTIFIED, "source.principal is not a SPIFFE ID")
-    thumbprint = certificate_thumbprint(peer_certificate) if peer_certificate else None
+        return Deny(Reason.WORKLOAD_UNIDENTIFIED, "the mTLS peer is not a SPIFFE ID")
+    if peer_certificate:
+        thumbprint = certificate_thumbprint(peer_certificate)
+    else:
+        thumbprint = xfcc_hash_thumbprint(certificate_hash) if certificate_hash else None
     if str(peer) in policy.xfcc_trusted_hops:
         vouched = _from_trusted_hop(xfcc, str(peer))
         if vouched is None:

@@ -31,9 +31,14 @@ class CheckInput:
     host: str
     path: str  # the raw request target, query included
     headers: Mapping[str, str]  # lower-case names, as Envoy sends them
-    principal: str  # source.principal: the peer certificate's first URI SAN
+    principal: str  # the mTLS peer's SPIFFE ID (gRPC: source.principal; HTTP: the XFCC URI)
     peer_certificate: str = ""  # PEM, when Envoy includes it
     request_id: str = ""
+    peer_certificate_hash: str = ""  # hex SHA-256 of the peer certificate's DER (XFCC Hash)
+    # Whether ``headers`` holds every request header (gRPC), or only those Envoy was told to
+    # forward (HTTP): credential headers are removed upstream only where they were seen, so
+    # with a partial view every one of them is removed.
+    all_headers: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +88,8 @@ def decide(
     if isinstance(subject, Deny):
         return _denied(subject, policy, cache_hit=cache_hit)
 
-    caller = identify(
-        inp.principal, inp.peer_certificate, inp.headers.get("x-forwarded-client-cert", ""), policy
-    )
+    xfcc = inp.headers.get("x-forwarded-client-cert", "")
+    caller = identify(inp.principal, inp.peer_certificate, xfcc, policy, inp.peer_certificate_hash)
     if isinstance(caller, Deny):
         return _denied(caller, policy, subject=subject, cache_hit=cache_hit)
 
@@ -108,6 +112,9 @@ def decide(
         return _denied(found, policy, caller.spiffe_id, subject, request, cache_hit)
 
     token = None if shadow else snapshot.signing_key.sign(claims, policy.exchange.typ)
+    strip = policy.exchange.strip_headers
+    if inp.all_headers:
+        strip = tuple(name for name in strip if name in inp.headers)
     return Decision(
         Reason.ALLOWED,
         rule=rule,
@@ -117,7 +124,7 @@ def decide(
         claims=claims,
         token=token,
         header=policy.exchange.header,
-        strip_headers=policy.exchange.strip_headers,
+        strip_headers=strip,
         shadow=shadow,
         cache_hit=cache_hit,
     )

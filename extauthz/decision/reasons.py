@@ -49,6 +49,7 @@ class Reason(enum.Enum):
 
     # the request as a whole
     REQUEST_TOO_LARGE = ("request_too_large", 431, Challenge.NONE)
+    REQUEST_INVALID = ("request_invalid", 400, Challenge.NONE)  # not an HTTP request we read
 
     # identify: 403, the calling workload is not who may call
     WORKLOAD_UNIDENTIFIED = ("workload_unidentified", 403, Challenge.NONE)

@@ -72,19 +72,19 @@ SCENARIOS = (
 )
 
 
-def run_demo(*, as_json: bool = False, keep: bool = False) -> int:
+def run_demo(*, as_json: bool = False, keep: bool = False, front: str = "grpc") -> int:
     workdir = Path(tempfile.mkdtemp(prefix="extauthz-demo-"))
     say = (lambda *a: None) if as_json else print
     try:
         say("extauthz demo: starting a CA, an issuer, the sidecar, Envoy and an echo upstream ...")
-        with Mesh(workdir) as mesh:
+        with Mesh(workdir, front=front) as mesh:
             status, body = http_get(mesh.sidecar.admin_port, "/.well-known/jwks.json")
             if status != 200:
                 raise RuntimeError("the sidecar does not publish its JWKS")
             jwks = json.loads(body)
             say(
-                f"  Envoy listens with mTLS on 127.0.0.1:{mesh.listen_port}; the sidecar on "
-                f"127.0.0.1:{mesh.sidecar.grpc_port}\n"
+                f"  Envoy listens with mTLS on 127.0.0.1:{mesh.listen_port}; the sidecar's "
+                f"{front} front on 127.0.0.1:{mesh.sidecar.authz_port}\n"
             )
             results = [_run(mesh, scenario, jwks) for scenario in SCENARIOS]
             for scenario, result in zip(SCENARIOS, results, strict=True):

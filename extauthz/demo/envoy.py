@@ -57,9 +57,16 @@ def envoy_binary() -> str:
     return found
 
 
-def load_base_config() -> dict[str, Any]:
-    """The shipped Envoy bootstrap (extauthz/assets/envoy.yaml) as a dict."""
-    text = (resources.files("extauthz") / "assets" / "envoy.yaml").read_text(encoding="utf-8")
+# The shipped bootstrap for each front: ext_authz over gRPC, or over HTTP/1.1.
+CONFIG_FILES = {"grpc": "envoy.yaml", "http": "envoy-http.yaml"}
+FRONTS = tuple(CONFIG_FILES)
+
+
+def load_base_config(front: str = "grpc") -> dict[str, Any]:
+    """The shipped Envoy bootstrap for ``front`` (extauthz/assets/envoy.yaml, or
+    envoy-http.yaml for the HTTP front) as a dict."""
+    name = CONFIG_FILES[front]
+    text = (resources.files("extauthz") / "assets" / name).read_text(encoding="utf-8")
     config = yaml.safe_load(text)
     if not isinstance(config, dict):
         raise ValueError("envoy.yaml does not hold a mapping")

@@ -47,7 +47,9 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 class SidecarProcess(Started):
-    """``extauthz serve`` in a child process; the decision log goes to a file we can read."""
+    """``extauthz serve`` in a child process; the decision log goes to a file we can read.
+    ``front="http"`` serves the HTTP front too (on ``http_port``), and ``authz_port`` is the
+    port Envoy's ext_authz cluster should use for that front."""
 
     def __init__(
         self,
@@ -58,7 +60,12 @@ class SidecarProcess(Started):
         grpc_port: int | None = None,
         admin_port: int | None = None,
         extra_args: Sequence[str] = (),
+        front: str = "grpc",
     ) -> None:
+        if front not in ("grpc", "http"):
+            raise ValueError(f"front must be grpc or http, not {front!r}")
+        self.front = front
+        self.http_port = free_port() if front == "http" else None
         self.policy = policy
         self.signing_keys = list(signing_keys)
         self.workdir = workdir
@@ -78,9 +85,15 @@ class SidecarProcess(Started):
             f"{LOOPBACK}:{self.grpc_port}",
             "--admin-address",
             f"{LOOPBACK}:{self.admin_port}",
-            *self.extra_args,
         ]
-        return cmd
+        if self.http_port is not None:
+            cmd += ["--http-address", f"{LOOPBACK}:{self.http_port}"]
+        return cmd + self.extra_args
+
+    @property
+    def authz_port(self) -> int:
+        """Where Envoy sends checks for this sidecar's front."""
+        return self.http_port if self.http_port is not None else self.grpc_port
 
     def start(self, timeout: float = 20.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -200,8 +213,10 @@ class Mesh(Started):
         policy_text: str | None = None,
         workloads: Mapping[str, str] = WORKLOADS,
         sidecar_args: Sequence[str] = (),
+        front: str = "grpc",
     ) -> None:
         self.workdir = workdir
+        self.front = front
         workdir.mkdir(parents=True, exist_ok=True)
         self.pki = make_pki(workdir / "certs", workloads)
         self.idp = Idp(ISSUER)
@@ -215,7 +230,11 @@ class Mesh(Started):
         write_private_key(self.signing_key, self.signing_key_file)
         self.echo = EchoServer()
         self.sidecar = SidecarProcess(
-            self.policy, [self.signing_key_file], workdir / "sidecar", extra_args=sidecar_args
+            self.policy,
+            [self.signing_key_file],
+            workdir / "sidecar",
+            extra_args=sidecar_args,
+            front=front,
         )
         self.listen_port = free_port()
         self._envoy: Envoy | None = None
@@ -229,9 +248,9 @@ class Mesh(Started):
             self.echo.start()
             self.sidecar.start()
             config = render_config(
-                load_base_config(),
+                load_base_config(self.front),
                 listen_port=self.listen_port,
-                authz_ports=[self.sidecar.grpc_port],
+                authz_ports=[self.sidecar.authz_port],
                 upstream_port=self.echo.port,
                 admin_port=free_port(),
                 cert_dir=self.pki.dir,

@@ -1,4 +1,5 @@
-"""One serving process: the gRPC front, the admin port and the reload loop, until SIGTERM."""
+"""One serving process: the gRPC front, the HTTP front when asked for, the admin port and the
+reload loop, until SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from extauthz.serve.address import split_address
 from extauthz.serve.admin import AdminServer
 from extauthz.serve.decision_log import DecisionLog
 from extauthz.serve.grpc_front import GrpcFront
+from extauthz.serve.http_front import HttpFront
 from extauthz.serve.runtime import Runtime
 from extauthz.serve.sidecar import Sidecar
 
@@ -41,6 +44,10 @@ class Addresses:
 
     grpc: str | None
     admin: str | None
+    http: str | None = None
+    # A listening socket for the HTTP front that the supervisor opened and shares among its
+    # workers (instead of ``http``).
+    http_socket: socket.socket | None = None
 
 
 async def serve_single(
@@ -55,6 +62,7 @@ async def serve_single(
     """Serve until SIGTERM (or ``stop``): NOT_SERVING for ``drain_delay``, then up to
     ``grace`` seconds for the checks in flight."""
     front = GrpcFront(sidecar) if addresses.grpc else None
+    http = HttpFront(sidecar) if addresses.http or addresses.http_socket else None
     admin = AdminServer(runtime) if addresses.admin else None
     stop = await run_until_signalled(runtime.request_reload, stop)
     try:
@@ -62,6 +70,9 @@ async def serve_single(
         if front is not None and addresses.grpc is not None:
             port = await front.start(addresses.grpc)
             log.info("ext_authz gRPC on %s:%d", addresses.grpc.rpartition(":")[0], port)
+        if http is not None:
+            http_port = await http.start(addresses.http, addresses.http_socket)
+            log.info("ext_authz HTTP on port %d", http_port)
         if admin is not None and addresses.admin is not None:
             admin_port = await admin.start(addresses.admin)
             log.info("admin HTTP on %s:%d", split_address(addresses.admin)[0], admin_port)
@@ -70,6 +81,8 @@ async def serve_single(
         # all the operator sees.
         if front is not None:
             await front.server.stop(0)
+        if http is not None:
+            await http.stop(0)
         await runtime.remote.close()
         raise
     reloader = asyncio.create_task(runtime.run(stop))
@@ -78,8 +91,7 @@ async def serve_single(
     log.info(
         "stopping: NOT_SERVING for %.1fs, then up to %.1fs for in-flight checks", drain_delay, grace
     )
-    if front is not None:
-        await front.stop(grace, drain_delay)
+    await asyncio.gather(*(f.stop(grace, drain_delay) for f in (front, http) if f is not None))
     if admin is not None:
         await admin.stop()
     for task in (reloader, flusher):

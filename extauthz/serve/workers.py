@@ -7,6 +7,10 @@ extauthz cluster. Every worker loads and reloads the policy on its own. The supe
 the admin port: readiness (its own snapshot and every worker SERVING), the JWKS, the status,
 and metrics added up over all workers (prometheus multiprocess mode). SIGHUP is passed on;
 SIGTERM drains every worker and exits 0 when they all did.
+
+The HTTP front is different: Envoy opens an HTTP/1.1 connection per check in flight, so the
+workers share one port. The supervisor opens that listening socket and every worker inherits
+it and accepts on it (no SO_REUSEPORT, so no other process can join the port).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extauthz.decision.jose import SigningKey
 from extauthz.serve import metrics
-from extauthz.serve.address import split_address
+from extauthz.serve.address import is_loopback, split_address
 from extauthz.serve.admin import AdminServer
 from extauthz.serve.process import run_until_signalled
 from extauthz.serve.runtime import Runtime
@@ -42,23 +47,53 @@ def worker_addresses(grpc_address: str, count: int) -> list[str]:
     return [f"{host}:{port + i}" for i in range(count)]
 
 
+def http_listener(address: str) -> socket.socket:
+    """The HTTP front's listening socket, to be inherited by every worker."""
+    host, port = split_address(address)
+    if not is_loopback(host):
+        raise OSError(f"cannot listen on {address}: the HTTP front is loopback only")
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 class Worker:
-    def __init__(self, index: int, address: str, command: list[str]) -> None:
+    def __init__(
+        self, index: int, address: str, command: list[str], pass_fds: tuple[int, ...] = ()
+    ) -> None:
         self.index = index
         self.address = address
         self.command = command
+        self.pass_fds = pass_fds
         self.proc: subprocess.Popen[bytes] | None = None
         self.serving = False
 
     def start(self) -> None:
         # stdout is inherited: each decision-log line is one write, well under PIPE_BUF.
-        self.proc = subprocess.Popen(self.command)
+        self.proc = subprocess.Popen(self.command, pass_fds=self.pass_fds)
         log.info("worker %d (pid %d) on %s", self.index, self.proc.pid, self.address)
 
 
 class Supervisor:
-    def __init__(self, runtime: Runtime, worker_argv: Sequence[str], addresses: list[str]) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        worker_argv: Sequence[str],
+        addresses: list[str],
+        http_address: str | None = None,
+    ) -> None:
         self.runtime = runtime
+        self.http = http_listener(http_address) if http_address else None
+        http_argv = ["--http-fd", str(self.http.fileno())] if self.http else []
+        fds = (self.http.fileno(),) if self.http else ()
         self.workers = [
             Worker(
                 i,
@@ -73,8 +108,10 @@ class Supervisor:
                     address,
                     "--admin-address",
                     "",
+                    *http_argv,
                     "--worker",
                 ],
+                fds,
             )  # fmt: skip
             for i, address in enumerate(addresses)
         ]
@@ -130,6 +167,8 @@ class Supervisor:
         await asyncio.gather(*tasks, return_exceptions=True)
         if admin is not None:
             await admin.stop()
+        if self.http is not None:
+            self.http.close()
         return 0 if all(code == 0 for code in codes) else 1
 
     def _reload(self) -> None:
