@@ -1,0 +1,93 @@
+"""The gRPC front's answers are encoded from parts built once per rule: they must be exactly
+the CheckResponse a protobuf-built message would be, field for field."""
+
+from __future__ import annotations
+
+import corekit as k
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
+from google.rpc import code_pb2, status_pb2
+
+from extauthz.decision.model import Rule
+from extauthz.decision.pipeline import Decision
+from extauthz.decision.reasons import Reason
+from extauthz.serve.edge import check_response, encode_deny, encode_response
+from extauthz.serve.grpc_front import GrpcEdge
+
+TOKEN = "eyJhbGciOiJFUzI1NiJ9." + "x" * 700 + ".sig"  # long enough for 2-byte lengths
+
+
+@pytest.fixture(scope="module")
+def rule() -> Rule:
+    world = k.make_world(k.policy_doc([k.rule_doc("orders-read-profile")]))
+    return world.snap.policy.rules[0]
+
+
+def expected_allow(
+    header: str, value: str, strip: tuple[str, ...], meta: dict[str, str]
+) -> external_auth_pb2.CheckResponse:
+    option = base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=header, value=value),
+        append=wrappers_pb2.BoolValue(value=False),
+    )
+    metadata = struct_pb2.Struct()
+    metadata.update(meta)
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[option], headers_to_remove=list(strip)
+        ),
+        dynamic_metadata=metadata,
+    )
+
+
+@pytest.mark.parametrize("strip", [(), ("proxy-authorization",), ("txn-token", "x-id-token")])
+def test_an_allow_is_the_message_protobuf_would_build(rule: Rule, strip: tuple[str, ...]) -> None:
+    claims = {"jti": "j-1", "aud": "a"}
+    decision = Decision(
+        Reason.ALLOWED, rule=rule, claims=claims, token=TOKEN, strip_headers=strip
+    )
+    meta = {"reason": "allowed", "rule": rule.id, "jti": "j-1"}
+    assert check_response(decision) == expected_allow(
+        "authorization", "Bearer " + TOKEN, strip, meta
+    )
+    assert GrpcEdge().respond(decision) == encode_response(decision)
+
+
+def test_a_transaction_token_goes_in_its_own_header_with_its_txn(rule: Rule) -> None:
+    claims = {"jti": "j-2", "txn": "t-2"}
+    decision = Decision(
+        Reason.ALLOWED, rule=rule, claims=claims, token=TOKEN, header="txn-token"
+    )
+    meta = {"reason": "allowed", "rule": rule.id, "jti": "j-2", "txn": "t-2"}
+    assert check_response(decision) == expected_allow("txn-token", TOKEN, (), meta)
+
+
+def test_a_shadow_allow_changes_nothing_and_says_so(rule: Rule) -> None:
+    decision = Decision(Reason.ALLOWED, rule=rule, claims={"jti": "j-3"}, shadow=True)
+    response = check_response(decision)
+    assert response.status.code == code_pb2.OK
+    assert response.HasField("ok_response")
+    assert response.ok_response == external_auth_pb2.OkHttpResponse()
+    fields = {k: v.string_value for k, v in response.dynamic_metadata.fields.items()}
+    assert fields == {"reason": "allowed", "rule": rule.id, "jti": "j-3", "shadow": "true"}
+
+
+def test_an_allow_without_a_token_is_an_internal_error_deny(rule: Rule) -> None:
+    response = check_response(Decision(Reason.ALLOWED, rule=rule))
+    assert response.HasField("denied_response")
+    assert response.denied_response.status.code == 500
+    assert response.status.code == code_pb2.UNAVAILABLE
+
+
+@pytest.mark.parametrize("reason", [r for r in Reason if r is not Reason.ALLOWED])
+def test_every_deny_is_encoded_once_and_parses(reason: Reason) -> None:
+    assert encode_deny(reason) is encode_deny(reason)
+    response = external_auth_pb2.CheckResponse.FromString(encode_deny(reason, "r-1"))
+    assert response.HasField("denied_response") and not response.HasField("ok_response")
+    assert response.denied_response.status.code == reason.http_status
+    assert response.dynamic_metadata.fields["reason"].string_value == reason.code
+    assert response.dynamic_metadata.fields["rule"].string_value == "r-1"
+    assert response.status.code != code_pb2.OK
