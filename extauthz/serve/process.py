@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from extauthz.serve import metrics
 from extauthz.serve.address import split_address
 from extauthz.serve.admin import AdminServer
 from extauthz.serve.decision_log import DecisionLog
@@ -99,15 +100,22 @@ async def serve_single(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     sidecar.decision_log.flush()
+    metrics.TALLY.publish()
 
 
 async def _flush_periodically(decision_log: DecisionLog) -> None:
+    """The decision log's buffered lines, and (in a worker) the metrics tally, a few times a
+    second: batches, off the request path."""
     while True:
         await asyncio.sleep(LOG_FLUSH_INTERVAL)
         try:
             decision_log.flush()
         except (OSError, ValueError):
             log.exception("decision log flush failed")
+        try:
+            metrics.TALLY.publish()
+        except Exception:
+            log.exception("publishing the metrics failed")
 
 
 def configure_logging(level: str = "INFO") -> None:

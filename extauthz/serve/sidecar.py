@@ -9,15 +9,12 @@ could turn into an allow.
 
 from __future__ import annotations
 
-import functools
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
-
-from prometheus_client import Counter
 
 from extauthz.decision.authenticate import LruSubjectCache
 from extauthz.decision.model import Snapshot
@@ -115,40 +112,8 @@ class Sidecar:
             issuer_id = decision.issuer_id if decision.reason is Reason.KEY_UNKNOWN else None
             if issuer_id and self.on_unknown_kid is not None:
                 self.on_unknown_kid(issuer_id)
-            _count(decision, elapsed)
+            metrics.TALLY.record(decision, elapsed)
             self.decision_log.write(decision, elapsed, request_id, now)
         except Exception:
             log.exception("recording the decision failed")
         return response
-
-
-def _count(decision: Decision, elapsed: float) -> None:
-    rule = decision.rule.id if decision.rule else ""
-    _decision_counter(decision.allowed, decision.reason.code, rule, decision.shadow).inc()
-    metrics.DECISION_SECONDS.observe(elapsed)
-    if decision.token is not None:
-        _minted_counter(rule).inc()
-    if decision.cache_hit is not None:
-        _cache_counter(decision.cache_hit).inc()
-
-
-# Looking a labelled child up by its label values costs more than incrementing it; the label
-# sets are few (reasons x rules), so keep the children.
-@functools.lru_cache(maxsize=16384)
-def _decision_counter(allowed: bool, reason: str, rule: str, shadow: bool) -> Counter:
-    return metrics.DECISIONS.labels(
-        decision="allow" if allowed else "deny",
-        reason=reason,
-        rule=rule,
-        shadow="true" if shadow else "false",
-    )
-
-
-@functools.lru_cache(maxsize=16384)
-def _minted_counter(rule: str) -> Counter:
-    return metrics.TOKENS_MINTED.labels(rule=rule)
-
-
-@functools.lru_cache(maxsize=2)
-def _cache_counter(hit: bool) -> Counter:
-    return metrics.CACHE.labels(cache="subject", result="hit" if hit else "miss")
