@@ -447,3 +447,22 @@ def test_load_signing_key_refuses_encrypted_keys(tmp_path: Path) -> None:
 def test_load_signing_key_missing_file(tmp_path: Path) -> None:
     with pytest.raises(KeyLoadError, match="missing.pem"):
         load_signing_key(tmp_path / "missing.pem")
+
+
+def test_es256_signatures_convert_to_r_and_s_exactly_as_the_decoder_does() -> None:
+    """The fast DER slicing must agree with cryptography's decoder on every signature,
+    including those whose r or s is shorter than 32 bytes (about 1 in 128 signatures)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    from extauthz.decision.jose import _raw_ecdsa
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    short = 0
+    for i in range(3000):
+        der = private.sign(i.to_bytes(4, "big"), ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        assert _raw_ecdsa(der, 32) == r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        short += r < 1 << 248 or s < 1 << 248
+    assert short > 0  # the short case was exercised
