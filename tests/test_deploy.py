@@ -291,13 +291,18 @@ def check_istio(doc: dict[str, Any]) -> None:
         check_keys(kind, spec, {"meshConfig"}, {"meshConfig"})
         check_keys(f"{kind}.meshConfig", spec["meshConfig"], {"extensionProviders"})
         for provider in spec["meshConfig"]["extensionProviders"]:
-            check_keys(f"{kind}.extensionProviders", provider, {"name", "envoyExtAuthzGrpc"})
-            check_keys(
-                f"{kind}.envoyExtAuthzGrpc",
-                provider["envoyExtAuthzGrpc"],
-                {"service", "port", "timeout", "failOpen", "statusOnError"},
-                {"service", "port"},
-            )
+            kinds = {"envoyExtAuthzGrpc", "envoyExtAuthzHttp"}
+            check_keys(f"{kind}.extensionProviders", provider, {"name", *kinds})
+            (service,) = kinds & set(provider)
+            fields = {"service", "port", "timeout", "failOpen", "statusOnError"}
+            if service == "envoyExtAuthzHttp":
+                fields |= {
+                    "pathPrefix",
+                    "includeRequestHeadersInCheck",
+                    "headersToUpstreamOnAllow",
+                    "headersToDownstreamOnDeny",
+                }
+            check_keys(f"{kind}.{service}", provider[service], fields, {"service", "port"})
     else:  # pragma: no cover - ISTIO_KINDS lists exactly the kinds above
         raise AssertionError(kind)
 
@@ -329,6 +334,7 @@ def test_plain_istio_files_are_valid() -> None:
     files = sorted(p for p in ISTIO.glob("*.yaml") if p.name != "kustomization.yaml")
     assert {p.name for p in files} >= {
         "mesh-config.yaml",
+        "mesh-config-http.yaml",
         "serviceentry.yaml",
         "authorizationpolicy.yaml",
         "peerauthentication.yaml",
@@ -336,6 +342,31 @@ def test_plain_istio_files_are_valid() -> None:
     for path in files:
         for doc in load_docs(path.read_text()):
             validate_doc(doc)
+
+
+def test_the_istio_http_provider_matches_envoy_http_yaml() -> None:
+    """The Istio HTTP provider asks what envoy-http.yaml asks: the same path prefix, the same
+    headers in, the same headers out, failing closed."""
+    (doc,) = load_docs((ISTIO / "mesh-config-http.yaml").read_text())
+    (provider,) = doc["spec"]["meshConfig"]["extensionProviders"]
+    http = provider["envoyExtAuthzHttp"]
+    envoy = yaml.safe_load((ROOT / "envoy-http.yaml").read_text())
+    (listener,) = envoy["static_resources"]["listeners"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (authz,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    service = authz["typed_config"]["http_service"]
+
+    def exact(patterns: dict[str, Any]) -> list[str]:
+        return [p["exact"] for p in patterns["patterns"]]
+
+    assert http["pathPrefix"] == service["path_prefix"]
+    allowed = exact(service["authorization_request"]["allowed_headers"])
+    assert http["includeRequestHeadersInCheck"] == allowed
+    response = service["authorization_response"]
+    assert http["headersToUpstreamOnAllow"] == exact(response["allowed_upstream_headers"])
+    assert http["headersToDownstreamOnDeny"] == exact(response["allowed_client_headers"])
+    assert http["failOpen"] is False and authz["typed_config"]["failure_mode_allow"] is False
+    assert http["statusOnError"] == "503"
 
 
 @needs_kubectl
