@@ -113,6 +113,14 @@ def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
         return 2
     except ExtauthzError as exc:
         return _fail(f"cannot start: {exc}")
+    snapshot = runtime.snapshot
+    if args.http_address and snapshot is not None and snapshot.policy.xfcc_trusted_hops:
+        print(
+            "extauthz: WARNING: --http-address: the policy names XFCC trusted hops, but the "
+            "HTTP front sees only the element the local Envoy sets; callers through those hops "
+            "are denied there (workload_unidentified). Use the gRPC front for them.",
+            file=sys.stderr,
+        )
     try:
         if supervising:
             from extauthz.serve.workers import Supervisor, worker_addresses

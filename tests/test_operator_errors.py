@@ -222,3 +222,23 @@ def test_a_policy_without_rules_starts_with_a_warning(setup: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_http_front_with_trusted_hops_warns_at_start(tmp_path: Path) -> None:
+    """The HTTP front sees only the XFCC element the local Envoy sets, so hops the policy
+    trusts cannot vouch for anyone there: serve says so once, at start, and still serves."""
+    from extauthz.demo.stack import SidecarProcess
+
+    text = EXAMPLE.read_text(encoding="utf-8")
+    hops = "  xfcc: {trustedHops: [spiffe://cluster.local/ns/edge/sa/gateway]}\n"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text.replace("  trustDomains:", hops + "  trustDomains:", 1))
+    Idp(ISSUER).write_jwks(tmp_path / "issuers" / "corp-idp.json")
+    key = tmp_path / "key.pem"
+    write_private_key(generate_signing_key(), key)
+    with SidecarProcess(policy, [key], tmp_path / "s", front="http") as sidecar:
+        log = sidecar.log.read_text()
+    assert "--http-address: the policy names XFCC trusted hops" in log
+    plain = tmp_path / "plain"
+    with SidecarProcess(EXAMPLE, [key], plain, front="http") as sidecar:
+        assert "trusted hops" not in sidecar.log.read_text()
