@@ -1,4 +1,4 @@
-"""Load generators: processes that each keep N requests in flight over asyncio.
+"""Load generators: processes that each keep N requests in flight over asyncio, and wrk.
 
 ``grpc``: grpc.aio channels (one HTTP/2 connection per target, as Envoy keeps per worker)
 sending pre-serialised CheckRequests; an allow is a response with an ``ok_response``.
@@ -8,15 +8,26 @@ a 200. Tokens are signed before the window: ``repeat`` cycles a few (cached afte
 cache). Every process starts at one time on the shared monotonic clock and counts
 what completes inside the window only; the parent reads the CPU time of the sampled server
 processes and of the whole machine over the same window.
+
+``run_wrk``: wrk (Debian package ``wrk``; ``apt-get install wrk``) with ``wrk_check.lua``, one
+thread keeping C keep-alive HTTP/1.1 connections to a client-side Envoy (``servers.ClientEnvoy``,
+which originates the mTLS wrk cannot), each request with a pre-signed subject token from a file.
+The Lua script counts, on the same monotonic clock, only the 200s completing inside the window;
+the parent reads the CPU of every sampled process (wrk's own included) over that window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import multiprocessing
 import os
+import shutil
+import signal
 import ssl
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -68,7 +79,7 @@ class _Grpc:
 
     async def send(self, payload: bytes) -> bool:
         response = await self.call(payload, timeout=10)
-        return response.status.code == 0 and response.HasField("ok_response")
+        return bool(response.status.code == 0 and response.HasField("ok_response"))
 
     async def close(self) -> None:
         await self.channel.close()
@@ -282,3 +293,126 @@ def split(total: int, parts: int) -> list[int]:
     """``total`` in-flight requests over ``parts`` processes, as evenly as possible."""
     base, extra = divmod(total, parts)
     return [base + (i < extra) for i in range(parts) if base or i < extra]
+
+
+# --- wrk, through a client-side Envoy ---------------------------------------------------------
+
+WRK_LUA = Path(__file__).with_name("wrk_check.lua")
+WRK_MISSING = (
+    "wrk is not installed (not on PATH): the parts through a client-side Envoy "
+    "(fronts, http_workers) need it. Install it with `apt-get install wrk` (Debian package "
+    "wrk), or leave those parts out with --only"
+)
+WRK_LAUNCH_S = 0.3  # from starting wrk to its first request: it reads its tokens first
+SATURATED_CORES = 0.9  # a process (or each core of the machine) this busy holds the rate
+BAD_FRACTION = 0.01  # more non-200s and socket errors than this (and 10) fail the run
+
+
+def wrk_binary() -> str:
+    found = shutil.which("wrk")
+    if found is None:
+        raise RuntimeError(WRK_MISSING)
+    return found
+
+
+def wrk_version() -> str | None:
+    try:
+        run = subprocess.run([wrk_binary(), "-v"], capture_output=True, text=True, timeout=10)
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        return None
+    return (run.stdout + run.stderr).split(" [", 1)[0].strip() or None
+
+
+def write_tokens(path: Path, tokens: Sequence[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(tokens) + "\n", encoding="ascii")
+    return path
+
+
+def run_wrk(port: int, target: Target, tokens: Path, *, fresh: bool, connections: int,
+            warmup: float, duration: float, sample: dict[str, int],
+            threads: int = 1) -> dict[str, Any]:  # fmt: skip
+    """One window of wrk against the plain listener ``port`` of the client-side Envoy.
+
+    ``sample`` names the processes whose CPU is read over the window (name -> pid); wrk's
+    own is added as ``wrk``. Names starting ``extauthz`` are the sidecar's processes (or the
+    floor's), ``envoy`` the server-side Envoy, ``client_envoy`` the client side. Per process:
+    ``cpu_cores`` (CPU seconds per second of window) and ``cpu_us_per_check`` (CPU µs per 200
+    completed in the window)."""
+    begin = time.monotonic_ns() + int((WRK_LAUNCH_S + warmup) * 1e9)
+    end = begin + int(duration * 1e9)
+    argv = [wrk_binary(), "-t", str(threads), "-c", str(max(connections, threads)),
+            "-d", f"{math.ceil(WRK_LAUNCH_S + warmup + duration) + 60}s", "--timeout", "2s",
+            "-s", str(WRK_LUA), f"http://127.0.0.1:{port}/", "--",
+            str(tokens), "fresh" if fresh else "repeat", str(begin), str(end),
+            target.method, target.path, target.host]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        cores, busy = _cpu_over(sample | {"wrk": proc.pid}, begin / 1e9, duration)
+        time.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9 + 0.02))
+        proc.send_signal(signal.SIGINT)  # wrk stops, reports and runs done() at once
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [line for line in out.splitlines() if line.startswith("BENCH-RESULT ")]
+    if not lines:
+        raise RuntimeError(f"wrk printed no result (exit {proc.returncode}): {err.strip()[:500]}")
+    reply = json.loads(lines[-1].split(" ", 1)[1])
+    figures = wrk_figures(reply, cores, busy, begin_ns=begin, duration=duration)
+    return figures | {
+        "connections": max(connections, threads),
+        "wrk_stderr": err.strip()[:300] or None,
+    }
+
+
+def wrk_figures(reply: dict[str, Any], cores: dict[str, float], busy: float, *, begin_ns: int,
+                duration: float) -> dict[str, Any]:  # fmt: skip
+    """One run's figures from what ``wrk_check.lua`` printed and the cores each sampled
+    process (and the whole machine) used over the window."""
+    rps = reply["completed"] / duration
+    statuses: dict[str, int] = {}
+    for group in reply["statuses"]:
+        for code, n in group.items():
+            statuses[code] = statuses.get(code, 0) + n
+    invalid = []
+    if reply["reused"]:
+        invalid.append(f"{reply['reused']} requests reused one of {reply['pool']} tokens")
+    if not 0 < reply["first_response_ns"] < begin_ns:
+        invalid.append("wrk's first response came after the window opened: no warm-up")
+    server = [c for name, c in cores.items() if name.startswith("extauthz")]
+    return {
+        "throughput_rps": round(rps, 1),
+        # wrk's histogram: every response of its run, the warm-up too
+        "p50_us": reply["p50_us"],
+        "p99_us": reply["p99_us"],
+        "completed": reply["completed"],
+        "not_200": reply["not_200"],
+        "statuses": statuses,
+        "socket_errors": reply["socket_errors"],  # over wrk's whole run
+        "pool": reply["pool"],
+        "reused": reply["reused"],
+        "invalid": "; ".join(invalid) or None,
+        "cpu_cores": {k: round(v, 3) for k, v in cores.items()},
+        "cpu_us_per_check": {k: _per_check(v, rps) for k, v in cores.items()},
+        "extauthz_cpu_us_per_check": _per_check(sum(server), rps) if server else None,
+        "generator_cpu_cores": round(cores.get("client_envoy", 0.0) + cores.get("wrk", 0.0), 3),
+        "machine_busy_cores": round(busy, 2),
+        # what other processes on this shared machine used meanwhile (approximate)
+        "other_cpu_cores": round(max(0.0, busy - sum(cores.values())), 2),
+        # what held the rate: a process near one core (a single event loop, or Envoy's one
+        # worker thread), or every core of the machine busy
+        "saturated": [name for name, c in cores.items() if c >= SATURATED_CORES]
+        + (["machine"] if busy >= SATURATED_CORES * (os.cpu_count() or 1) else []),
+    }
+
+
+def _per_check(cores: float, rps: float) -> float | None:
+    return round(cores / rps * 1e6, 1) if rps else None
+
+
+def too_many_bad(run: dict[str, Any]) -> bool:
+    """More than 1% (and more than 10) of the window's answers were not a 200, or failed."""
+    bad = run["not_200"] + sum(run["socket_errors"].values())
+    return bool(run["completed"] == 0 or bad > max(10, BAD_FRACTION * (run["completed"] + bad)))

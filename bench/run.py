@@ -1,9 +1,13 @@
 """``python -m bench``: run the benchmark, write the JSON result and the chart beside it, and
 print one JSON summary object as the last line on stdout (progress goes to stderr).
 
-Modes: the full run (5 repeats, 3 concurrencies), ``--quick`` (about a minute on 2 cores: one
-repeat, short windows, one concurrency) and ``--smoke`` (seconds: the in-process parts only, tiny
-iterations; for the test suite). ``--only core,lint,rss,direct,workers,envoy`` runs a subset.
+Modes: the full run (5 repeats, 2-3 concurrencies), ``--quick`` (one repeat, short windows, one
+concurrency: 3.4 minutes on this 2-core machine while it was shared, of which the wrk parts
+took 39 s; less on idle cores) and ``--smoke`` (seconds: the in-process
+parts only, tiny iterations; for the test suite). ``--only`` runs a subset of the parts:
+core, lint, rss, direct, workers, envoy, fronts, http_workers. fronts and http_workers need wrk
+(``apt-get install wrk``). ``KEYS`` below says what every key of the summary line means; the
+result JSON carries it too (``summary_keys``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict
 from importlib import metadata
@@ -25,12 +30,14 @@ from typing import Any
 
 from bench import SCHEMA
 from bench.inprocess import run_core, run_lint
+from bench.loadgen import wrk_binary, wrk_version
 from bench.scenarios import Plan, run_servers
 from extauthz.demo.envoy import envoy_binary
 
-PARTS = ("core", "lint", "rss", "direct", "workers", "envoy")
+PARTS = ("core", "lint", "rss", "direct", "workers", "envoy", "fronts", "http_workers")
 IN_PROCESS = {"core", "lint"}
-# The issue's targets: summary key -> (comparison, bound)
+WRK_PARTS = {"fronts", "http_workers"}
+# The issues' targets: summary key -> (comparison, bound)
 TARGETS = {
     "direct_warm_vs_floor": (">=", 0.9),
     "warm_vs_floor": (">=", 0.9),
@@ -40,17 +47,122 @@ TARGETS = {
     "core_p50_us_warm": ("<", 50.0),
     "workers2_vs_1": (">=", 1.4),
     "rss_mb_10k_rules": ("<", 150.0),
+    # through the same client-side Envoy + wrk and server-side Envoy, in one run
+    "grpc_warm_vs_grpc_floor": (">=", 0.8),
+    "grpc_cold_vs_grpc_floor": (">=", 0.6),
+    "http_warm_vs_grpc_floor": (">=", 2.0),
+    "http_cold_vs_grpc_floor": (">=", 1.5),
+    "envoy_cpu_warm_vs_floor": ("<=", 1.1),
 }
+FRONT_SCENARIOS = ("envoy_alone", "grpc_floor", "grpc_warm", "grpc_cold", "http_floor",
+                   "http_warm", "http_cold")  # fmt: skip
+_WRK = (
+    "part `fronts`: wrk -> client-side Envoy -mTLS-> server-side Envoy (the shipped config of "
+    "that front, the route answering 200 itself) -> extauthz, every scenario through the same "
+    "client-side Envoy and wrk"
+)
+_AT = (
+    "median over repeats at the load (wrk connections) where that scenario reached its "
+    "capacity; null when not measured or invalid"
+)
+_CPU = (
+    "user+system CPU time from /proc/<pid>/stat over the measured window divided by the checks "
+    "completed in it (a completed check: a 200 answered inside the window)"
+)
+_FRONT_NAMES = {
+    "grpc_floor": "gRPC floor (allow-all bench.floor on the gRPC front)",
+    "grpc_warm": "gRPC warm (extauthz serve, repeated subject tokens)",
+    "grpc_cold": "gRPC cold (extauthz serve, a fresh subject token every request)",
+    "http_floor": "HTTP floor (allow-all bench.floor on the HTTP front)",
+    "http_warm": "HTTP warm",
+    "http_cold": "HTTP cold",
+}
+# What every summary key means; the result JSON carries it as ``summary_keys``.
+KEYS: dict[str, str] = {
+    "warm_vs_floor": "part `envoy` (Python mTLS generators straight to the gRPC-front Envoy): "
+    "warm capacity over the floor's",
+    "cold_vs_floor": "part `envoy`: cold (a fresh subject token every request) capacity over "
+    "the floor's",
+    "direct_warm_vs_floor": "part `direct` (gRPC, no Envoy): warm capacity over the floor's",
+    "direct_cold_vs_floor": "part `direct`: cold capacity over the floor's",
+    "rules_10k_vs_10": "warm decide() p50 with 10,000 rules over 10 rules",
+    "core_p50_us_warm": "warm decide() p50 in µs at the largest policy (core_rules)",
+    "core_p50_us_warm_10_rules": "warm decide() p50 in µs, 10 rules",
+    "core_p50_us_cold": "cold decide() p50 in µs at the largest policy",
+    "core_rules": "the largest policy decide() was timed with",
+    "workers2_vs_1": "part `workers`, direct gRPC, warm: --workers 2 capacity over --workers 1",
+    "rss_mb_10k_rules": "VmRSS MB of one worker with 10,000 rules and a full subject cache",
+    "rss_mb_10k_rules_loaded": "VmRSS MB of one worker with 10,000 rules, once ready",
+    "lint_2000_vs_200": "policy lint time, 2,000 rules over 200 rules, all on one host",
+    "lint_s_2000_rules": "policy lint seconds, 2,000 rules on one host",
+    "sign_es256_us": "p50 µs of signing the narrowed token alone",
+    "verify_es256_us": "p50 µs of verifying a subject token's signature alone",
+    "envoy_alone_rps": "part `envoy`: capacity req/s of Envoy without the ext_authz filter",
+    **{
+        f"{part}_{scen}_rps": f"part `{part}`: capacity req/s (best median over loads), {scen}"
+        for part in ("direct", "envoy")
+        for scen in ("floor", "warm", "cold")
+    },
+    "grpc_warm_vs_grpc_floor": f"{_WRK}: gRPC warm capacity over the gRPC floor's",
+    "grpc_cold_vs_grpc_floor": f"{_WRK}: gRPC cold capacity over the gRPC floor's",
+    "http_warm_vs_grpc_floor": f"{_WRK}: HTTP warm capacity over the gRPC floor's",
+    "http_cold_vs_grpc_floor": f"{_WRK}: HTTP cold capacity over the gRPC floor's",
+    "http_warm_vs_http_floor": f"{_WRK}: HTTP warm capacity over the HTTP floor's",
+    "http_cold_vs_http_floor": f"{_WRK}: HTTP cold capacity over the HTTP floor's",
+    "http_floor_vs_grpc_floor": f"{_WRK}: the HTTP floor's capacity over the gRPC floor's",
+    **{
+        f"cpu_us_{name}": f"{what}: CPU µs of the extauthz process(es) per completed check "
+        "(the floor's process for a floor; with --workers the supervisor and every worker), "
+        f"{_CPU}; {_WRK}; {_AT}"
+        for name, what in _FRONT_NAMES.items()
+    },
+    **{
+        f"envoy_cpu_us_{name.removeprefix('grpc_')}": f"{what}: the server-side Envoy's CPU µs "
+        f"per completed check (its process alone), {_CPU}; {_WRK}; {_AT}"
+        for name, what in _FRONT_NAMES.items()
+    },
+    "envoy_cpu_warm_vs_floor": "the server-side Envoy's CPU per completed check, gRPC warm "
+    "over gRPC floor: median of the per-repeat ratios at gRPC warm's capacity load (each pair "
+    "measured back to back at the same load)",
+    "envoy_cpu_http_warm_vs_http_floor": "the same ratio for HTTP warm over the HTTP floor",
+    **{
+        f"{proc}_cpu_us_{name}": f"{_FRONT_NAMES[name]}: {who}'s CPU µs per completed check, "
+        f"{_CPU}; {_AT}. Recorded for every run and scenario, apart from the server side's "
+        f"(result: fronts.scenarios.<name>.by_load.<load>.runs[].cpu_us_per_check.{proc})"
+        for proc, who in (("client_envoy", "the client-side Envoy"), ("wrk", "wrk"))
+        for name in ("grpc_floor", "http_warm")
+    },
+    "generator_cpu_cores_max": "the most the generator (wrk + the client-side Envoy) used in "
+    "any run of part `fronts`, in cores (CPU seconds per second of window)",
+    **{
+        f"fronts_{name}_rps": f"{_WRK}: capacity req/s (200s per second inside the window, "
+        f"best median over loads), {name}"
+        for name in FRONT_SCENARIOS
+    },
+    "http_workers2_vs_1": "part `http_workers`: the HTTP front, warm, through the client-side "
+    "Envoy and wrk: --workers 2 (both workers on one port the supervisor opens) capacity over "
+    "--workers 1; no target",
+    "invalid": "runs whose figures do not hold (a cold run that reused tokens after one retry "
+    "with twice the pool; a run without warm-up), as 'scenario load: why'; the ratios and CPU "
+    "figures of such a scenario are null",
+    "targets_met": "each target in TARGETS: true, false, or null when not measured",
+    "mode": "full, quick or smoke",
+    "cores": "os.cpu_count() of the machine",
+}
+
+
 SETTINGS: dict[str, dict[str, Any]] = {
     "full": {
         "core": {"sizes": (10, 1000, 10000), "warm": 5000, "cold": 1500, "rounds": 5},
         "lint": {"sizes": (200, 2000), "repeats": 5},
-        "plan": Plan((8, 32, 64), (8, 32), repeats=5, warmup=0.5, duration=2.5, processes=2),
+        "plan": Plan((8, 32, 64), (8, 32), repeats=5, warmup=0.5, duration=2.5, processes=2,
+                     front_concurrency=(16, 48)),
     },
     "quick": {
         "core": {"sizes": (10, 1000, 10000), "warm": 2000, "cold": 400, "rounds": 3},
         "lint": {"sizes": (200, 2000), "repeats": 3},
-        "plan": Plan((32,), (16,), repeats=1, warmup=0.5, duration=2.0, processes=2),
+        "plan": Plan((32,), (16,), repeats=1, warmup=0.5, duration=2.0, processes=2,
+                     front_concurrency=(32,)),
     },
     "smoke": {  # lint below the sizes the summary compares: seconds whatever lint costs
         "core": {"sizes": (10, 100), "warm": 200, "cold": 30, "rounds": 1},
@@ -70,7 +182,7 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="about a minute, one repeat")
+    mode.add_argument("--quick", action="store_true", help="a few minutes, one repeat")
     mode.add_argument("--smoke", action="store_true", help="seconds; in-process parts only")
     default = Path(__file__).resolve().parent / "results" / "latest.json"
     parser.add_argument("--out", type=Path, default=default, help="JSON result; .png beside it")
@@ -82,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     if name == "smoke":
         parts &= IN_PROCESS
+    if parts & WRK_PARTS:
+        try:
+            wrk_binary()
+        except RuntimeError as exc:
+            parser.error(str(exc))
     started = time.monotonic()
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -95,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["summary"] = summary = summarise(result)
+    result["summary_keys"] = KEYS
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     log(f"results: {args.out}")
@@ -111,10 +229,10 @@ def describe() -> dict[str, Any]:
     try:  # "envoy  version: <commit>/1.40.0/Clean/RELEASE/BoringSSL"
         argv = [envoy_binary(), "--version"]
         envoy = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
-        envoy_version = envoy.stdout.split("version:")[-1].strip()
+        envoy_version: str | None = envoy.stdout.split("version:")[-1].strip()
     except (OSError, RuntimeError, subprocess.SubprocessError):
         envoy_version = None
-    libraries = {}
+    libraries: dict[str, str | None] = {}
     for name in LIBRARIES:
         try:
             libraries[name] = metadata.version(name)
@@ -127,6 +245,7 @@ def describe() -> dict[str, Any]:
         "platform": platform.platform(),
         "libraries": libraries,
         "envoy": envoy_version,
+        "wrk": wrk_version(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -134,15 +253,21 @@ def describe() -> dict[str, Any]:
 def measure(conf: dict[str, Any], parts: set[str], workdir: Path) -> dict[str, Any]:
     plan: Plan | None = conf["plan"]
     out: dict[str, Any] = {"settings": conf | {"plan": plan and asdict(plan)}}
+    elapsed: dict[str, float] = {}  # seconds per part
+    started = time.monotonic()
     if "core" in parts:
         log(f"core: decide() with {', '.join(map(str, conf['core']['sizes']))} rules")
         out["core"] = run_core(workdir=workdir, log=log, **conf["core"])
+        elapsed["core"], started = round(time.monotonic() - started, 1), time.monotonic()
     if "lint" in parts:
         log(f"lint: {' and '.join(map(str, conf['lint']['sizes']))} rules on one host")
         out["lint"] = run_lint(workdir=workdir, log=log, **conf["lint"])
+        elapsed["lint"] = round(time.monotonic() - started, 1)
     if plan is not None and parts - IN_PROCESS:
-        out.update(run_servers(parts, plan, workdir, log))
-    return out
+        servers = run_servers(parts, plan, workdir, log)
+        elapsed |= servers.pop("elapsed_s_by_part")
+        out.update(servers)
+    return out | {"elapsed_s_by_part": elapsed}
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -180,12 +305,62 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     for part in ("direct", "envoy"):
         for scen in ("floor", "warm", "cold"):
             s[f"{part}_{scen}_rps"] = _get(result, part, "scenarios", scen, "capacity_rps")
+    s |= front_figures(result)
     compare = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
     s["targets_met"] = {
         key: None if s[key] is None else compare[op](s[key], bound)
         for key, (op, bound) in TARGETS.items()
     }
     return s | {"mode": result["mode"], "cores": result["machine"]["cpu_count"]}
+
+
+def front_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The summary's keys from the parts through the client-side Envoy and wrk (see KEYS)."""
+    fronts = result.get("fronts") or {}
+    scenarios = fronts.get("scenarios") or {}
+    invalid = list(fronts.get("invalid") or [])
+    bad = {entry.split(" ", 1)[0] for entry in invalid}
+
+    def ratio(key: str, *names: str) -> Any:
+        return None if bad & set(names) else fronts.get(key)
+
+    def at_capacity(name: str, *keys: str) -> Any:
+        if name in bad:
+            return None
+        row = _get(scenarios, name, "by_load", str(_get(scenarios, name, "capacity_load")))
+        return _get(row, *keys)
+
+    s: dict[str, Any] = {}
+    for temp in ("warm", "cold"):
+        s[f"grpc_{temp}_vs_grpc_floor"] = ratio(f"grpc_{temp}_vs_grpc_floor", f"grpc_{temp}",
+                                                "grpc_floor")  # fmt: skip
+        for base in ("grpc_floor", "http_floor"):
+            key = f"http_{temp}_vs_{base}"
+            s[key] = ratio(key, f"http_{temp}", base)
+    s["http_floor_vs_grpc_floor"] = ratio("http_floor_vs_grpc_floor", "http_floor", "grpc_floor")
+    for name in FRONT_SCENARIOS[1:]:
+        s[f"cpu_us_{name}"] = at_capacity(name, "extauthz_cpu_us_per_check")
+    for name in FRONT_SCENARIOS[1:]:  # envoy_cpu_us_floor/_warm/_cold: the gRPC path
+        short = name.removeprefix("grpc_")
+        s[f"envoy_cpu_us_{short}"] = at_capacity(name, "cpu_us_per_check", "envoy")
+    s["envoy_cpu_warm_vs_floor"] = ratio("envoy_cpu_warm_vs_floor", "grpc_warm", "grpc_floor")
+    s["envoy_cpu_http_warm_vs_http_floor"] = ratio("envoy_cpu_http_warm_vs_http_floor",
+                                                   "http_warm", "http_floor")  # fmt: skip
+    for proc in ("client_envoy", "wrk"):
+        for name in ("grpc_floor", "http_warm"):
+            s[f"{proc}_cpu_us_{name}"] = at_capacity(name, "cpu_us_per_check", proc)
+    runs = [
+        run
+        for row in scenarios.values()
+        for by_load in row["by_load"].values()
+        for run in by_load["runs"]
+    ]
+    s["generator_cpu_cores_max"] = max((r["generator_cpu_cores"] for r in runs), default=None)
+    for name in FRONT_SCENARIOS:
+        s[f"fronts_{name}_rps"] = _get(scenarios, name, "capacity_rps")
+    s["http_workers2_vs_1"] = _get(result, "http_workers", "http_workers2_vs_1")
+    s["invalid"] = invalid + list(_get(result, "http_workers", "invalid") or [])
+    return s
 
 
 COLOURS = {"floor": "#8c8c8c", "warm": "#3b75af", "cold": "#ef8636", "envoy_alone": "#519e3e"}
@@ -198,10 +373,24 @@ def chart_panels(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     def bar(title: str, label: str, value: float | None) -> None:
         panels.setdefault(title, {})[label] = value
 
-    for part in ("direct", "envoy", "workers"):
+    titles = {
+        "fronts": "wrk -> client Envoy -> Envoy -> gRPC or HTTP front",
+        "http_workers": "HTTP front, --workers 1 vs 2 (wrk -> client Envoy -> Envoy)",
+    }
+    for part in ("direct", "envoy", "workers", "fronts", "http_workers"):
         for name, row in (_get(result, part, "scenarios") or {}).items():
             for load, r in row["by_load"].items():
-                bar(f"{part}: requests/s, median", f"{load} {name}", r["throughput_rps"])
+                title = titles.get(part, part)
+                bar(f"{title}: requests/s, median", f"{load} {name}", r["throughput_rps"])
+    for name, row in (_get(result, "fronts", "scenarios") or {}).items():
+        r = row["by_load"][row["capacity_load"]]
+        for proc, label in (("extauthz", "extauthz"), ("envoy", "server Envoy"),
+                            ("client_envoy", "client Envoy"), ("wrk", "wrk")):  # fmt: skip
+            per = r["cpu_us_per_check"]
+            value = r["extauthz_cpu_us_per_check"] if proc == "extauthz" else per.get(proc)
+            if value is not None:
+                bar("CPU µs per allowed check, by process (fronts, at capacity)",
+                    f"{name}: {label}", value)  # fmt: skip
     for n, row in (_get(result, "core", "sizes") or {}).items():
         for temp in ("warm", "cold"):
             bar("decide() p50, µs", f"{int(n):,} rules {temp}", row[temp]["p50_us"])
@@ -251,8 +440,10 @@ def draw_chart(path: Path, result: dict[str, Any]) -> bool:
         x=0.01, ha="left", fontsize=9,
     )  # fmt: skip
     ratios = [f"{k}={v}" for k, v in result["summary"].items() if "_vs_" in k and v is not None]
-    fig.text(0.01, 0.005, ", ".join(ratios), fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
+    footer = textwrap.fill(", ".join(ratios), 170)
+    fig.text(0.01, 0.005, footer, fontsize=7, va="bottom")
+    lines = footer.count("\n") + 1
+    fig.tight_layout(rect=(0, min(0.2, 0.012 * lines + 0.02), 1, 0.98))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,9 +1,16 @@
-"""The multi-process measurements: direct gRPC, through Envoy, workers, resident memory.
+"""The multi-process measurements: direct gRPC, through Envoy, workers, resident memory, and
+both fronts (gRPC and HTTP) through a client-side Envoy driven by wrk.
 
 Scenarios are interleaved (floor, warm, cold, floor, warm, cold, ...) so that noise on this
 shared machine spreads over all of them, and each figure is the median over repeats. Every
 run also reads the CPU time the server processes and the generator processes used during the
 window, so a reader can see which side was saturated.
+
+``fronts`` (wrk -> client-side Envoy -mTLS-> server-side Envoy -> ext_authz -> sidecar): Envoy
+alone, then the gRPC floor, warm and cold, then the HTTP floor, warm and cold, every scenario
+through the same client-side Envoy and wrk, each server-side Envoy the shipped config of its
+front. ``http_workers``: ``--workers 1`` against ``--workers 2`` on the HTTP front, warm, the
+same way.
 """
 
 from __future__ import annotations
@@ -16,13 +23,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.fixtures import Setup, write_setup
-from bench.loadgen import Generators, children_of, split, vm_status
-from bench.servers import BenchEnvoy, Floor, Serve
+from bench.fixtures import Setup, sign_tokens, write_setup
+from bench.loadgen import (
+    WRK_LAUNCH_S,
+    Generators,
+    children_of,
+    run_wrk,
+    split,
+    too_many_bad,
+    vm_status,
+    write_tokens,
+    wrk_version,
+)
+from bench.servers import BenchEnvoy, ClientEnvoy, Floor, Serve
 from extauthz.demo.pki import Pki, make_pki
+from extauthz.policy.loader import load_signing_key
 
 Log = Callable[[str], None]
 REPEAT_POOL = 16  # tokens per generator process in warm runs: all cached after first use
+WRK_WARM_POOL = 32  # tokens wrk cycles in warm runs (as the two Python generators' 16 each)
+COLD_MARGIN = 1.4  # cold pools: the warm rate x wrk's whole run x this
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +54,7 @@ class Plan:
     duration: float
     processes: int  # generator processes
     rss_tokens: int = 10_000
+    front_concurrency: tuple[int, ...] = (32,)  # wrk connections, through the client Envoy
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,29 +233,283 @@ def rss(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class WrkScenario:
+    name: str
+    port: int  # the client-side Envoy's plain listener for this scenario's server-side Envoy
+    sample: dict[str, int]  # name -> pid; "extauthz*" are the server's, see loadgen.run_wrk
+    fresh: bool = False  # cold: every token once
+    warm_of: str = ""  # cold: the warm scenario whose rate sizes the token pool
+
+
+def compare_wrk(scenarios: list[WrkScenario], setup: Setup, loads: list[int], plan: Plan,
+                workdir: Path, log: Log) -> dict[str, Any]:  # fmt: skip
+    """``compare`` for wrk: every scenario at every load (connections), interleaved,
+    ``plan.repeats`` times; medians per load and each scenario's capacity. A cold run signs a
+    fresh pool first, sized from its warm scenario's last rate (rate x wrk's whole run x 1.4);
+    one that still had to reuse tokens is run once more with twice the pool, and if it again
+    reuses, it stays marked ``invalid``. Many non-200s fail the run."""
+    key = load_signing_key(setup.issuer_key_file)
+    warm_tokens = write_tokens(workdir / "tokens-warm.txt", sign_tokens(key, WRK_WARM_POOL))
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s.name: {} for s in scenarios}
+    span = WRK_LAUNCH_S + plan.warmup + plan.duration + 0.2
+    for rep in range(plan.repeats):
+        for load in loads:
+            label = f"c={load}"
+            for scen in scenarios:
+                tokens, pool = warm_tokens, WRK_WARM_POOL
+                if scen.fresh:
+                    rate = runs[scen.warm_of][label][-1]["throughput_rps"]
+                    pool = int(min(200_000, max(1000, math.ceil(rate * span * COLD_MARGIN))))
+                for attempt in (1, 2):
+                    if scen.fresh:
+                        tokens = write_tokens(workdir / "tokens-cold.txt", sign_tokens(key, pool))
+                    run = run_wrk(scen.port, setup.target, tokens, fresh=scen.fresh,
+                                  connections=load, warmup=plan.warmup, duration=plan.duration,
+                                  sample=scen.sample)  # fmt: skip
+                    _report_wrk(log, f"{scen.name} {label} rep {rep + 1}", run)
+                    if not (scen.fresh and run["reused"] and attempt == 1):
+                        break
+                    pool *= 2
+                    log(f"  {scen.name}: the pool ran out; once more with {pool} tokens")
+                if too_many_bad(run):
+                    raise RuntimeError(f"{scen.name} {label}: {run['not_200']} not 200 "
+                                       f"{run['statuses']}, socket errors {run['socket_errors']},"
+                                       f" {run['completed']} completed")  # fmt: skip
+                runs[scen.name].setdefault(label, []).append(run)
+    return aggregate_wrk(runs)
+
+
+def aggregate_wrk(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Scenario -> load -> runs (``run_wrk``'s figures) into the medians per load and each
+    scenario's capacity: its best median throughput, and the load it was reached at."""
+    out: dict[str, Any] = {}
+    for name, by_load in runs.items():
+        rows: dict[str, Any] = {}
+        for label, results in by_load.items():
+            row: dict[str, Any] = {
+                key: statistics.median([r[key] for r in results])
+                for key in ("throughput_rps", "p50_us", "p99_us", "generator_cpu_cores")
+            }
+            row["extauthz_cpu_us_per_check"] = _median_of(results, "extauthz_cpu_us_per_check")
+            row["cpu_us_per_check"] = {
+                proc: _median_of([r["cpu_us_per_check"] for r in results], proc)
+                for proc in results[0]["cpu_us_per_check"]
+            }
+            row["invalid_runs"] = sum(1 for r in results if r["invalid"])
+            rows[label] = row | {"runs": results}
+        best = max(rows, key=lambda label: rows[label]["throughput_rps"])
+        out[name] = {"by_load": rows, "capacity_rps": rows[best]["throughput_rps"],
+                     "capacity_load": best}  # fmt: skip
+    return out
+
+
+def _median_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _report_wrk(log: Log, what: str, run: dict[str, Any]) -> None:
+    per = run["cpu_us_per_check"]
+    cpu = ", ".join(f"{k} {per[k]}" for k in per)
+    cores = "+".join(f"{c:.2f}" for c in run["cpu_cores"].values())
+    bad = run["not_200"] + sum(run["socket_errors"].values())
+    log(
+        f"  {what:<26} {run['throughput_rps']:7.0f}/s p50 {run['p50_us'] or 0:6.0f}us; "
+        f"cpu us/check: {cpu}; cores {cores}, other {run['other_cpu_cores']}"
+        + (f"; saturated: {', '.join(run['saturated'])}" if run["saturated"] else "")
+        + (f"  NOT 200: {bad} {run['statuses']} {run['socket_errors']}" if bad else "")
+        + (f"  INVALID: {run['invalid']}" if run["invalid"] else "")
+    )
+
+
+def fronts(floor: Floor, serve: Serve, setup: Setup, pki: Pki, workdir: Path, plan: Plan,
+           log: Log) -> dict[str, Any]:  # fmt: skip
+    """Both fronts through the same client-side Envoy and wrk: see the module's docstring."""
+    envoys = {
+        "envoy_alone": BenchEnvoy("wrk-envoy-alone", pki, workdir, authz_ports=[floor.grpc_port],
+                                  ext_authz=False),
+        "grpc_floor": BenchEnvoy("wrk-envoy-grpc-floor", pki, workdir,
+                                 authz_ports=[floor.grpc_port]),
+        "grpc_serve": BenchEnvoy("wrk-envoy-grpc-serve", pki, workdir,
+                                 authz_ports=[serve.grpc_port]),
+        "http_floor": BenchEnvoy("wrk-envoy-http-floor", pki, workdir,
+                                 authz_ports=[floor.http_port or 0], front="http"),
+        "http_serve": BenchEnvoy("wrk-envoy-http-serve", pki, workdir,
+                                 authz_ports=[serve.http_port or 0], front="http"),
+    }  # fmt: skip
+    with _started(envoys, pki, setup, workdir) as client:
+
+        def scen(name: str, via: str, server: int | None, **kw: Any) -> WrkScenario:
+            sample = {"extauthz": server} if server else {}
+            sample |= {"envoy": envoys[via].pid, "client_envoy": client.pid}
+            return WrkScenario(name, client.listen_ports[via], sample, **kw)
+
+        scenarios = [
+            scen("envoy_alone", "envoy_alone", None),
+            scen("grpc_floor", "grpc_floor", floor.pid),
+            scen("grpc_warm", "grpc_serve", serve.pid),
+            scen("grpc_cold", "grpc_serve", serve.pid, fresh=True, warm_of="grpc_warm"),
+            scen("http_floor", "http_floor", floor.pid),
+            scen("http_warm", "http_serve", serve.pid),
+            scen("http_cold", "http_serve", serve.pid, fresh=True, warm_of="http_warm"),
+        ]
+        summary = compare_wrk(scenarios, setup, list(plan.front_concurrency), plan, workdir, log)
+    return fronts_result(summary)
+
+
+def fronts_result(summary: dict[str, Any]) -> dict[str, Any]:
+    """The part's result from its scenarios (``aggregate_wrk``): capacity ratios over each
+    floor and over Envoy alone, the server-side Envoy's CPU ratios, the invalid runs."""
+    pairs = {
+        "grpc_warm_vs_grpc_floor": "grpc_warm", "grpc_cold_vs_grpc_floor": "grpc_cold",
+        "http_floor_vs_grpc_floor": "http_floor",
+        "http_warm_vs_grpc_floor": "http_warm", "http_cold_vs_grpc_floor": "http_cold",
+    }  # fmt: skip
+    over_http = {"http_warm_vs_http_floor": "http_warm", "http_cold_vs_http_floor": "http_cold"}
+    return {
+        "generator": generator_description(),
+        "scenarios": summary,
+        **ratios(summary, pairs, base="grpc_floor"),
+        **ratios(summary, over_http, base="http_floor"),
+        **ratios(summary, {"grpc_floor_vs_envoy_alone": "grpc_floor"}, base="envoy_alone"),
+        "envoy_cpu_warm_vs_floor": envoy_cpu_ratio(summary, "grpc_warm", "grpc_floor"),
+        "envoy_cpu_http_warm_vs_http_floor": envoy_cpu_ratio(summary, "http_warm", "http_floor"),
+        "invalid": invalid_runs(summary),
+    }
+
+
+def http_workers(serve: Serve, two: Serve, setup: Setup, pki: Pki, workdir: Path, plan: Plan,
+                 log: Log) -> dict[str, Any]:  # fmt: skip
+    """``--workers 1`` against ``--workers 2`` on the HTTP front (the supervisor opens the one
+    port, both workers accept on it), warm, through the client-side Envoy and wrk, at the
+    highest front concurrency. No target: reported only."""
+    pids = children_of(two.pid)
+    if len(pids) != 2:
+        raise RuntimeError(f"--workers 2 runs {len(pids)} worker processes")
+    envoys = {
+        "http_workers_1": BenchEnvoy("wrk-envoy-http-workers-1", pki, workdir,
+                                     authz_ports=[serve.http_port or 0], front="http"),
+        "http_workers_2": BenchEnvoy("wrk-envoy-http-workers-2", pki, workdir,
+                                     authz_ports=[two.http_port or 0], front="http"),
+    }  # fmt: skip
+    with _started(envoys, pki, setup, workdir) as client:
+        one_sample = {"extauthz": serve.pid}
+        two_sample = {"extauthz_supervisor": two.pid}
+        two_sample |= {f"extauthz_worker{i}": p for i, p in enumerate(pids)}
+        scenarios = [
+            WrkScenario(name, client.listen_ports[name],
+                        server | {"envoy": envoys[name].pid, "client_envoy": client.pid})
+            for name, server in (("http_workers_1", one_sample), ("http_workers_2", two_sample))
+        ]  # fmt: skip
+        loads = list(plan.front_concurrency[-1:])
+        summary = compare_wrk(scenarios, setup, loads, plan, workdir, log)
+    return {
+        "generator": generator_description(),
+        "scenarios": summary,
+        **ratios(summary, {"http_workers2_vs_1": "http_workers_2"}, base="http_workers_1"),
+        "invalid": invalid_runs(summary),
+    }
+
+
+class _started:  # noqa: N801 (a context manager used like a function)
+    """Start the server-side Envoys and one client-side Envoy with a listener for each; stop
+    them all on the way out."""
+
+    def __init__(self, envoys: dict[str, BenchEnvoy], pki: Pki, setup: Setup,
+                 workdir: Path) -> None:  # fmt: skip
+        self.envoys = envoys
+        ports = {name: e.listen_port for name, e in envoys.items()}
+        self.client = ClientEnvoy(pki, pki.workloads["client"], workdir / next(iter(envoys)),
+                                  ports)  # fmt: skip
+
+    def __enter__(self) -> ClientEnvoy:
+        try:
+            for proxy in self.envoys.values():
+                proxy.start()
+            self.client.start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.stop()
+        for proxy in self.envoys.values():
+            proxy.stop()
+
+
+def generator_description() -> str:
+    return f"{wrk_version() or 'wrk'} -t 1 + client-side Envoy --concurrency 1"
+
+
+def envoy_cpu_ratio(summary: dict[str, Any], name: str, base: str) -> float | None:
+    """The server-side Envoy's CPU per check in ``name`` over ``base``: the median of the
+    per-repeat ratios at the load where ``name`` reached its capacity (each pair measured back
+    to back, at the same load)."""
+    label = summary[name]["capacity_load"]
+    pairs = zip(summary[name]["by_load"][label]["runs"], summary[base]["by_load"][label]["runs"],
+                strict=True)  # fmt: skip
+    cpu = [(a["cpu_us_per_check"].get("envoy"), b["cpu_us_per_check"].get("envoy"))
+           for a, b in pairs]  # fmt: skip
+    paired = [a / b for a, b in cpu if a and b]
+    return round(statistics.median(paired), 3) if paired else None
+
+
+def invalid_runs(summary: dict[str, Any]) -> list[str]:
+    return [
+        f"{name} {label}: {run['invalid']}"
+        for name, row in summary.items()
+        for label, by_load in row["by_load"].items()
+        for run in by_load["runs"]
+        if run["invalid"]
+    ]
+
+
 def run_servers(parts: set[str], plan: Plan, workdir: Path, log: Log) -> dict[str, Any]:
     """Every multi-process part asked for; each process is stopped on the way out."""
     small = write_setup(workdir / "setup-10", 10)
     pki = make_pki(workdir / "pki", {"client": small.target.workload})
     client = client_spec(small, pki)
     out: dict[str, Any] = {}
+    elapsed: dict[str, float] = {}  # seconds each part took, its processes' start included
+    mark = [time.monotonic()]
+
+    def took(part: str) -> None:
+        now = time.monotonic()
+        elapsed[part], mark[0] = round(now - mark[0], 1), now
+
     with Generators(max(plan.processes, 2)) as gens:  # rss uses two
         if "rss" in parts:
             log("rss: 10,000 rules, then 10,000 distinct subject tokens")
             big = write_setup(workdir / "setup-10000", 10_000)
             with Serve(big, workdir) as serve:
                 out["rss"] = rss(gens, client_spec(big, pki), serve, plan, log)
-        if not parts & {"direct", "envoy", "workers"}:
-            return out
-        with Floor(workdir) as floor, Serve(small, workdir) as serve:
+            took("rss")
+        if not parts & {"direct", "envoy", "workers", "fronts", "http_workers"}:
+            return out | {"elapsed_s_by_part": elapsed}
+        with Floor(workdir) as floor, Serve(small, workdir, front="http") as serve:
             if "direct" in parts:
                 log("direct gRPC: floor, warm, cold")
                 out["direct"] = direct(gens, client, floor, serve, plan, log)
+                took("direct")
             if "workers" in parts:
                 log("workers: --workers 1 vs --workers 2")
                 with Serve(small, workdir, workers=2) as two:
                     out["workers"] = workers(gens, client, serve, two, plan, log)
+                took("workers")
             if "envoy" in parts:
                 log("through Envoy: alone, floor, warm, cold")
                 out["envoy"] = envoy(gens, client, floor, serve, pki, workdir, plan, log)
-    return out
+                took("envoy")
+            if "fronts" in parts:
+                log("through a client-side Envoy and wrk: Envoy alone; gRPC and HTTP fronts: "
+                    "floor, warm, cold")  # fmt: skip
+                out["fronts"] = fronts(floor, serve, small, pki, workdir, plan, log)
+                took("fronts")
+            if "http_workers" in parts:
+                log("HTTP front, through the client-side Envoy: --workers 1 vs --workers 2")
+                with Serve(small, workdir, workers=2, front="http") as two:
+                    out["http_workers"] = http_workers(serve, two, small, pki, workdir, plan, log)
+                took("http_workers")
+    return out | {"elapsed_s_by_part": elapsed}

@@ -1,4 +1,5 @@
-"""The processes under test: ``extauthz serve``, the allow-all floor, and Envoy in front.
+"""The processes under test: ``extauthz serve``, the allow-all floor, Envoy in front of them,
+and the client-side Envoy that wrk's requests go through.
 
 They are the demo's own helpers (``SidecarProcess``, ``Envoy``), so the benchmark starts,
 awaits and stops them as the demo and the end-to-end tests do; the pid of each (for CPU and
@@ -13,11 +14,12 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.fixtures import Setup
 from bench.loadgen import children_of
 from extauthz.demo.envoy import Envoy, load_base_config, render_config
-from extauthz.demo.pki import Pki
+from extauthz.demo.pki import CertPair, Pki
 from extauthz.demo.stack import LOOPBACK, SidecarProcess, free_port
 
 
@@ -52,39 +54,44 @@ class _Child(SidecarProcess):
 
 
 class Serve(_Child):
-    """``extauthz serve`` on a generated policy, with the decision log on, as in production."""
+    """``extauthz serve`` on a generated policy, with the decision log on, as in production.
+    ``front="http"`` serves the HTTP front (``http_port``) besides gRPC; with ``--workers``
+    the supervisor opens that one port and every worker inherits it."""
 
-    def __init__(self, setup: Setup, workdir: Path, *, workers: int = 1) -> None:
+    def __init__(self, setup: Setup, workdir: Path, *, workers: int = 1,
+                 front: str = "grpc") -> None:  # fmt: skip
         self.setup, self.workers = setup, workers
         port = free_port_pair() if workers > 1 else free_port()
         extra = ["--workers", str(workers), "--drain-delay", "0", "--grace", "1"]
-        name = f"serve-{setup.rules}-rules-{workers}-workers"
+        name = f"serve-{setup.rules}-rules-{workers}-workers-{front}"
         super().__init__(setup.policy, [setup.signing_key_file], workdir / name, grpc_port=port,
-                         extra_args=extra)  # fmt: skip
+                         extra_args=extra, front=front)  # fmt: skip
         self.decision_log = Path(os.devnull)  # a long run would fill the disk otherwise
 
 
 class Floor(_Child):
-    """``python -m bench.floor``: the same GrpcFront around an allow-all Sidecar; no policy."""
+    """``python -m bench.floor``: the same GrpcFront and HttpFront around an allow-all
+    Sidecar; no policy."""
 
     def __init__(self, workdir: Path) -> None:
-        super().__init__(Path(os.devnull), [], workdir / "floor")
+        super().__init__(Path(os.devnull), [], workdir / "floor", front="http")
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "bench.floor",
                 "--grpc-address", f"{LOOPBACK}:{self.grpc_port}",
+                "--http-address", f"{LOOPBACK}:{self.http_port}",
                 "--admin-address", f"{LOOPBACK}:{self.admin_port}"]  # fmt: skip
 
 
 class BenchEnvoy(Envoy):
-    """The shipped envoy.yaml on our ports and PKI, with the route answering 200 itself
-    (``direct_response``) so that no upstream is measured; without ``ext_authz`` the filter is
-    removed too (Envoy alone)."""
+    """The shipped envoy.yaml (``front="http"``: envoy-http.yaml) on our ports and PKI, with the
+    route answering 200 itself (``direct_response``) so that no upstream is measured; without
+    ``ext_authz`` the filter is removed too (Envoy alone)."""
 
     def __init__(self, name: str, pki: Pki, workdir: Path, *, authz_ports: Sequence[int],
-                 ext_authz: bool = True) -> None:  # fmt: skip
+                 ext_authz: bool = True, front: str = "grpc") -> None:  # fmt: skip
         self.listen_port, self.pid = free_port(), 0
-        config = render_config(load_base_config(), listen_port=self.listen_port,
+        config = render_config(load_base_config(front), listen_port=self.listen_port,
                                authz_ports=authz_ports, upstream_port=free_port(),
                                admin_port=free_port(), cert_dir=pki.dir)  # fmt: skip
         answer = {"match": {"prefix": "/"}, "direct_response": {"status": 200}}
@@ -101,3 +108,88 @@ class BenchEnvoy(Envoy):
     def start(self, timeout: float = 30) -> None:
         super().start(timeout)
         self.pid = child_pid(str(self.config_file))
+
+
+class ClientEnvoy(Envoy):
+    """The client side of the wrk path: wrk cannot present a client certificate, so it sends
+    plain HTTP/1.1 to this Envoy (``--concurrency 1``, like the server side), which originates
+    mTLS with a workload certificate to a server-side Envoy. One plain listener on loopback per
+    server-side Envoy (``upstreams``: name -> that Envoy's port), each with its own cluster:
+    HTTP/1.1 upstream (one TLS keep-alive connection per request in flight, as the Python
+    generator keeps), no request id generated, no ``x-envoy-*`` headers added, circuit
+    breakers out of the way. ``listen_ports`` maps the same names to the plain ports."""
+
+    def __init__(self, pki: Pki, pair: CertPair, workdir: Path,
+                 upstreams: dict[str, int]) -> None:  # fmt: skip
+        self.listen_ports, self.pid = {name: free_port() for name in upstreams}, 0
+        self.config_file = workdir / "client-envoy" / "envoy.yaml"
+        config = client_config(pki, pair, upstreams, self.listen_ports, free_port())
+        super().__init__(config, self.config_file.parent)
+
+    def start(self, timeout: float = 30) -> None:
+        super().start(timeout)
+        self.pid = child_pid(str(self.config_file))
+
+
+_TYPES = "type.googleapis.com/envoy.extensions"
+_HCM = f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def client_config(pki: Pki, pair: CertPair, upstreams: dict[str, int],
+                  listen_ports: dict[str, int], admin_port: int) -> dict[str, Any]:  # fmt: skip
+    """The client-side Envoy's bootstrap (see ``ClientEnvoy``)."""
+    tls = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TYPES}.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": {
+                "tls_certificates": [{"certificate_chain": {"filename": str(pair.cert)},
+                                      "private_key": {"filename": str(pair.key)}}],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(pki.ca)},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": "localhost"}}
+                    ],
+                },
+            },
+        },
+    }  # fmt: skip
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {
+            "@type": f"{_TYPES}.filters.http.router.v3.Router",
+            "suppress_envoy_headers": True,
+        },
+    }
+    limits = {"max_connections": 100_000, "max_pending_requests": 100_000,
+              "max_requests": 100_000, "max_retries": 0}  # fmt: skip
+    listeners, clusters = [], []
+    for name, port in upstreams.items():
+        hcm = {
+            "@type": _HCM,
+            "stat_prefix": name,
+            "generate_request_id": False,
+            "route_config": {"name": name, "virtual_hosts": [{
+                "name": "all", "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}]}]},
+            "http_filters": [router],
+        }  # fmt: skip
+        listeners.append({
+            "name": f"to-{name}",
+            "address": {"socket_address": {"address": LOOPBACK, "port_value": listen_ports[name]}},
+            "filter_chains": [{"filters": [
+                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+        })  # fmt: skip
+        endpoint = {
+            "endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}
+        }
+        clusters.append({
+            "name": name, "type": "STATIC", "connect_timeout": "1s", "transport_socket": tls,
+            "circuit_breakers": {"thresholds": [limits]},
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
+        })  # fmt: skip
+    return {
+        "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin_port}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
