@@ -1,8 +1,11 @@
-"""The real ``extauthz serve`` on loopback, driven over gRPC the way Envoy drives it.
+"""The real ``extauthz serve`` on loopback, checked through each front the way Envoy checks.
 
-Every CheckRequest here is shaped like Envoy's (source.principal = SPIFFE ID, URL-encoded peer
-certificate, lower-case headers with pseudo-headers, the raw path); the answers are checked
-as Envoy would apply them.
+Every check here runs against both fronts (ids ``grpc`` and ``http``), through
+``frontkit.FrontClient``: over gRPC a CheckRequest shaped like Envoy's (source.principal = SPIFFE
+ID, URL-encoded peer certificate, lower-case headers with pseudo-headers, the raw path); over
+HTTP the authorization request envoy-http.yaml makes Envoy send (``/check`` + the path, the
+original host, the allowed headers and the XFCC element Envoy sets). The answers are read as
+Envoy would apply them, and each front must give the same ones.
 """
 
 from __future__ import annotations
@@ -13,161 +16,77 @@ import re
 import subprocess
 import sys
 import time
-import urllib.parse
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from envoy.service.auth.v3 import (
-    attribute_context_pb2,
-    external_auth_pb2,
-    external_auth_pb2_grpc,
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from frontkit import (
+    CHANNEL_OPTIONS,
+    FRONTS,
+    HOST,
+    PATH,
+    Answer,
+    Config,
+    FrontClient,
+    HttpConnection,
+    RawResponse,
+    Stack,
+    check_request,
+    grpc_answer,
+    phrase,
+    raw_http_request,
+    start_stack,
+    write_config,
 )
-from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extauthz.decision.jose import (
-    SigningKey,
-    generate_signing_key,
     parse_compact,
     parse_jwks,
     thumbprint,
     verify_signature,
 )
-from extauthz.demo.idp import Idp
-from extauthz.demo.pki import Pki, make_pki, x5t_s256
-from extauthz.demo.stack import ISSUER, WORKLOADS, SidecarProcess, free_port, http_get
-from extauthz.policy.loader import write_private_key
+from extauthz.demo.pki import x5t_s256
+from extauthz.demo.stack import WORKLOADS, SidecarProcess, free_port, http_get
 
-HOST = "profile.shop.svc.cluster.local"
-PATH = "/v1/customers/42"
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "HOST",
+    "PATH",
+    "Config",
+    "Stack",
+    "check_request",
+    "decision_for",
+    "fetch_jwks",
+    "header_values",
+    "write_config",
+]
+
 RULE = "orders-read-profile"
 RULE_AUDIENCE = "spiffe://cluster.local/ns/shop/sa/profile"
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 UNAUTHENTICATED, PERMISSION_DENIED = 16, 7
-# Keep gRPC on loopback even if the environment names an HTTP proxy.
-CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
+# What every deny sends the client besides its status, body and WWW-Authenticate.
+DENY_HEADERS = {"content-type": "application/json", "cache-control": "no-store"}
 
 
-# --- a real sidecar on loopback --------------------------------------------------------------
+# --- a real sidecar on loopback, one per front ------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
-    policy: Path
-    idp: Idp
-    key: SigningKey
-    key_file: Path
-
-
-def write_config(directory: Path, policy_text: str) -> Config:
-    """The example policy, its issuer's JWKS beside it and a signing key, in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    policy = directory / "policy.yaml"
-    policy.write_text(policy_text, encoding="utf-8")
-    idp = Idp(ISSUER)
-    idp.write_jwks(directory / "issuers" / "corp-idp.json")
-    key = generate_signing_key()
-    key_file = directory / "signing-key.pem"
-    write_private_key(key, key_file)
-    return Config(policy, idp, key, key_file)
-
-
-@dataclass
-class Stack:
-    config: Config
-    pki: Pki
-    sidecar: SidecarProcess
-    channel: grpc.Channel
-    checks: int = 0
-    # Every token sent to or received from the sidecar, for the decision-log leak check.
-    tokens: list[str] = field(default_factory=list)
-
-    @property
-    def stub(self) -> external_auth_pb2_grpc.AuthorizationStub:
-        return external_auth_pb2_grpc.AuthorizationStub(self.channel)
-
-    def send(self, request: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
-        self.checks += 1
-        response: external_auth_pb2.CheckResponse = self.stub.Check(request, timeout=5)
-        for option in response.ok_response.headers:
-            if option.header.key.lower() == "authorization":
-                self.tokens.append(option.header.value.removeprefix("Bearer "))
-        return response
-
-    def token(self, **kwargs: Any) -> str:
-        kwargs.setdefault("now", time.time())
-        token = self.config.idp.token(**kwargs)
-        self.tokens.append(token)
-        return token
-
-    def cert_pem(self, workload: str) -> bytes:
-        return self.pki.workloads[workload].cert.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, example_policy_text: str) -> Iterator[Stack]:
-    base = tmp_path_factory.mktemp("grpc")
-    config = write_config(base, example_policy_text)
-    pki = make_pki(base / "certs", WORKLOADS)
-    with SidecarProcess(config.policy, [config.key_file], base / "sidecar") as sidecar:
-        channel = grpc.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}", CHANNEL_OPTIONS)
-        try:
-            yield Stack(config, pki, sidecar, channel)
-        finally:
-            channel.close()
-
-
-def check_request(
-    *,
-    principal: str = WORKLOADS["orders"],
-    cert_pem: bytes | None = None,
-    method: str = "GET",
-    host: str = HOST,
-    path: str = PATH,
-    token: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    request_id: str | None = None,
-) -> external_auth_pb2.CheckRequest:
-    """A CheckRequest as Envoy 1.40 builds it for an mTLS downstream."""
-    request_id = request_id or uuid.uuid4().hex
-    all_headers = {
-        ":authority": host,
-        ":method": method,
-        ":path": path,
-        ":scheme": "https",
-        "user-agent": "test-client/1.0",
-        "x-request-id": str(uuid.uuid4()),
-        "x-forwarded-proto": "https",
-    }
-    if token is not None:
-        all_headers["authorization"] = f"Bearer {token}"
-    all_headers.update(headers or {})
-    ctx = attribute_context_pb2.AttributeContext
-    source = ctx.Peer(principal=principal)
-    if cert_pem is not None:
-        source.certificate = urllib.parse.quote(cert_pem.decode("ascii"), safe="")
-    return external_auth_pb2.CheckRequest(
-        attributes=ctx(
-            source=source,
-            destination=ctx.Peer(principal="spiffe://cluster.local/ns/edge/sa/envoy"),
-            request=ctx.Request(
-                http=ctx.HttpRequest(
-                    id=request_id,
-                    method=method,
-                    host=host,
-                    path=path,
-                    headers=all_headers,
-                    scheme="https",
-                    protocol="HTTP/1.1",
-                )
-            ),
-        )
-    )
+@pytest.fixture(scope="module", params=FRONTS, ids=FRONTS)
+def stack(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    example_policy_text: str,
+) -> Iterator[Stack]:
+    """The sidecar and a client of one front; ``@pytest.mark.parametrize("stack", ["grpc"],
+    indirect=True)`` pins a test to one front."""
+    front = str(request.param)
+    with start_stack(tmp_path_factory.mktemp(f"front-{front}"), example_policy_text, front) as s:
+        yield s
 
 
 def header_values(options: Any, name: str) -> list[str]:
@@ -175,9 +94,7 @@ def header_values(options: Any, name: str) -> list[str]:
 
 
 def decision_for(stack: Stack, request_id: str) -> dict[str, Any]:
-    lines = [d for d in stack.sidecar.decisions() if d.get("request_id") == request_id]
-    assert len(lines) == 1, f"expected one decision line for {request_id}, got {len(lines)}"
-    return lines[0]
+    return stack.decision_for(request_id)
 
 
 def fetch_jwks(stack: Stack) -> dict[str, Any]:
@@ -187,6 +104,27 @@ def fetch_jwks(stack: Stack) -> dict[str, Any]:
     return document
 
 
+def assert_wire_deny(answer: Answer, grpc_code: int | None = None) -> None:
+    """How each front frames a deny: a CheckResponse with a denied_response (and, when
+    given, this gRPC status), or an HTTP/1.1 answer with the standard reason phrase."""
+    if answer.front == "grpc":
+        response: external_auth_pb2.CheckResponse = answer.raw
+        assert response.status.code != 0
+        assert response.WhichOneof("http_response") == "denied_response"
+        if grpc_code is not None:
+            assert response.status.code == grpc_code
+    else:
+        assert (answer.raw.version, answer.raw.phrase) == ("HTTP/1.1", phrase(answer.status))
+
+
+def wire_bytes(answer: Answer) -> bytes:
+    """Everything the front sent Envoy for this answer."""
+    if answer.front == "grpc":
+        return bytes(answer.raw.SerializeToString())
+    raw: RawResponse = answer.raw
+    return "\n".join(f"{k}: {v}" for k, v in raw.headers).encode() + raw.body
+
+
 # --- allow -----------------------------------------------------------------------------------
 
 
@@ -194,38 +132,41 @@ def test_allow_overwrites_authorization_with_a_bound_narrowed_token(stack: Stack
     subject = stack.token(scope="profile.read profile.write orders.read email", ttl=3600)
     cert = stack.cert_pem("orders")
     request_id = uuid.uuid4().hex
-    response = stack.send(
-        check_request(
-            token=subject,
-            cert_pem=cert,
-            request_id=request_id,
-            headers={"x-forwarded-access-token": subject, "proxy-authorization": "Basic eDp5"},
-        )
+    answer = stack.check(
+        token=subject,
+        cert_pem=cert,
+        request_id=request_id,
+        headers={"x-forwarded-access-token": subject, "proxy-authorization": "Basic eDp5"},
     )
     after = time.time()
 
-    assert response.status.code == 0
-    assert response.WhichOneof("http_response") == "ok_response"
-    ok = response.ok_response
-    auth = [o for o in ok.headers if o.header.key.lower() == "authorization"]
-    assert len(auth) == 1
-    # Envoy ignores append_action here: only an explicit append=false overwrites.
-    assert auth[0].HasField("append")
-    assert auth[0].append.value is False
-    value = auth[0].header.value
+    assert answer.allowed
+    assert answer.status == 200
+    # Envoy overwrites authorization (gRPC: only an explicit append=false does; HTTP: the
+    # allowed_upstream_headers), and adds nothing beside it.
+    assert set(answer.upstream) == {"authorization"}
+    assert answer.appended == {}
+    if stack.front == "grpc":
+        assert answer.raw.WhichOneof("http_response") == "ok_response"
+        (option,) = answer.raw.ok_response.headers
+        assert option.HasField("append")
+        assert option.append.value is False
+    value = answer.upstream["authorization"]
     assert value.startswith("Bearer ")
-    minted = value.removeprefix("Bearer ")
+    minted = answer.token
+    assert minted is not None
     assert minted != subject
     assert subject not in value
     # Envoy applies removals after sets: removing authorization would drop the minted token.
-    removed = set(ok.headers_to_remove)
-    assert "authorization" not in removed
-    assert {"proxy-authorization", "x-forwarded-access-token"} <= removed
+    assert "authorization" not in answer.removed
+    assert {"proxy-authorization", "x-forwarded-access-token"} <= answer.removed
 
     jws = parse_compact(minted)
-    meta = MessageToDict(response.dynamic_metadata)
-    assert meta["rule"] == RULE
-    assert meta["jti"] == jws.claims["jti"]
+    assert (answer.reason, answer.rule) == ("allowed", RULE)
+    # Envoy's dynamic metadata names the minted token (gRPC: a Struct; HTTP: from headers).
+    assert (
+        answer.metadata["jti" if stack.front == "grpc" else "x-extauthz-jti"] == (jws.claims["jti"])
+    )
 
     # The minted token verifies against the JWKS the sidecar publishes.
     jwks = fetch_jwks(stack)
@@ -246,6 +187,7 @@ def test_allow_overwrites_authorization_with_a_bound_narrowed_token(stack: Stack
     assert claims["sub"] == subject_claims["sub"]
     assert set(claims["scope"].split()) == {"profile.read"}
     assert claims["act"]["sub"] == WORKLOADS["orders"]
+    assert claims["req"] == {"method": "GET", "host": HOST, "path": PATH}
     assert claims["exp"] <= min(subject_claims["exp"], int(after) + 30)
 
     line = decision_for(stack, request_id)
@@ -255,20 +197,22 @@ def test_allow_overwrites_authorization_with_a_bound_narrowed_token(stack: Stack
 
 
 def test_allow_without_peer_certificate_is_unbound(stack: Stack) -> None:
-    response = stack.send(check_request(token=stack.token(scope="profile.read")))
-    assert response.status.code == 0
-    (value,) = header_values(response.ok_response.headers, "authorization")
-    assert "cnf" not in parse_compact(value.removeprefix("Bearer ")).claims
+    answer = stack.check(token=stack.token(scope="profile.read"))
+    assert answer.allowed
+    assert answer.token is not None
+    assert "cnf" not in parse_compact(answer.token).claims
 
 
 def test_minted_token_is_not_a_subject_token(stack: Stack) -> None:
-    first = stack.send(check_request(token=stack.token(scope="profile.read")))
-    (value,) = header_values(first.ok_response.headers, "authorization")
-    minted = value.removeprefix("Bearer ")
-    again = stack.send(check_request(token=minted, cert_pem=stack.cert_pem("orders")))
-    assert again.status.code == PERMISSION_DENIED
-    assert again.denied_response.status.code == 403
-    assert json.loads(again.denied_response.body) == {"error": "reexchange_denied"}
+    first = stack.check(token=stack.token(scope="profile.read"))
+    minted = first.token
+    assert minted is not None
+    again = stack.check(token=minted, cert_pem=stack.cert_pem("orders"))
+    assert not again.allowed
+    assert again.status == 403
+    assert again.error == again.reason == "reexchange_denied"
+    assert json.loads(again.body) == {"error": "reexchange_denied"}
+    assert_wire_deny(again, PERMISSION_DENIED)
 
 
 # --- deny ------------------------------------------------------------------------------------
@@ -318,36 +262,40 @@ def test_deny_is_a_check_response(stack: Stack, case: str) -> None:
     workload, make_token, http_status, grpc_code, reason, error = DENIES[case]
     token = make_token(stack) if make_token is not None else None
     request_id = uuid.uuid4().hex
-    response = stack.send(
-        check_request(
-            principal=WORKLOADS[workload],
-            cert_pem=stack.cert_pem(workload),
-            token=token,
-            request_id=request_id,
-        )
+    answer = stack.check(
+        principal=WORKLOADS[workload],
+        cert_pem=stack.cert_pem(workload),
+        token=token,
+        request_id=request_id,
     )
 
-    assert response.status.code == grpc_code
-    assert response.WhichOneof("http_response") == "denied_response"
-    denied = response.denied_response
-    assert denied.status.code == http_status
-    assert json.loads(denied.body) == {"error": reason}
-    assert denied.body == json.dumps({"error": reason})
-    challenges = header_values(denied.headers, "www-authenticate")
+    assert not answer.allowed
+    assert_wire_deny(answer, grpc_code)
+    assert answer.status == http_status
+    assert json.loads(answer.body) == {"error": reason}
+    assert answer.body == json.dumps({"error": reason}).encode()
+    assert answer.reason == reason
+    challenge = answer.www_authenticate
     if http_status == 401:
-        assert len(challenges) == 1
-        assert challenges[0].startswith("Bearer")
+        assert challenge is not None
+        assert challenge.startswith("Bearer")
     if error is None:
-        assert all("error=" not in c for c in challenges)
+        assert challenge is None or "error=" not in challenge
     else:
-        assert len(challenges) == 1
-        assert f'error="{error}"' in challenges[0]
+        assert challenge is not None
+        assert f'error="{error}"' in challenge
+    others = {k: v for k, v in answer.client_headers.items() if k != "www-authenticate"}
+    assert others == DENY_HEADERS
+    # The rule found on the way, if any, is what Envoy's access log gets from either front.
+    assert answer.rule == (RULE if case == "insufficient-scope" else None)
     if token is not None:
-        assert token not in denied.body
-        assert all(token not in o.header.value for o in denied.headers)
+        assert token.encode() not in answer.body
+        assert all(token not in value for value in answer.client_headers.values())
         for part in token.split("."):
-            assert part not in denied.body
-    assert "authorization" not in {o.header.key.lower() for o in denied.headers}
+            assert part.encode() not in answer.body
+        # Nor anywhere in what the front sent Envoy.
+        assert token.rsplit(".", 1)[1].encode() not in wire_bytes(answer)
+    assert (answer.upstream, answer.appended, answer.removed) == ({}, {}, frozenset())
 
     line = decision_for(stack, request_id)
     assert line["decision"] == "deny"
@@ -355,49 +303,89 @@ def test_deny_is_a_check_response(stack: Stack, case: str) -> None:
     assert line["jti"] is None
 
 
-@pytest.mark.parametrize(
-    "request_",
-    [
-        pytest.param(external_auth_pb2.CheckRequest(), id="empty"),
-        pytest.param(
-            external_auth_pb2.CheckRequest(
-                attributes=attribute_context_pb2.AttributeContext(
-                    request=attribute_context_pb2.AttributeContext.Request(
-                        http=attribute_context_pb2.AttributeContext.HttpRequest(
-                            headers={"authorization": "Bearer x.y.z"}
-                        )
-                    )
+_ctx = attribute_context_pb2.AttributeContext
+GARBAGE = {
+    # name: (the CheckRequest, the HTTP authorization request, the reason either is denied for)
+    "empty": (
+        external_auth_pb2.CheckRequest(),
+        raw_http_request("GET", "/check/", []),
+        "token_missing",
+    ),
+    "junk-token-no-principal": (
+        external_auth_pb2.CheckRequest(
+            attributes=_ctx(
+                request=_ctx.Request(
+                    http=_ctx.HttpRequest(headers={"authorization": "Bearer x.y.z"})
                 )
-            ),
-            id="junk-token-no-principal",
+            )
         ),
-    ],
-)
-def test_garbage_check_request_is_denied_not_failed(
-    stack: Stack, request_: external_auth_pb2.CheckRequest
-) -> None:
-    response = stack.send(request_)  # an RPC error would raise grpc.RpcError here
-    assert response.status.code != 0
-    assert response.WhichOneof("http_response") == "denied_response"
-    assert response.denied_response.status.code in (400, 401, 403)
-    assert set(json.loads(response.denied_response.body)) == {"error"}
+        raw_http_request("GET", "/check/", [("authorization", "Bearer x.y.z")]),
+        "token_malformed",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GARBAGE))
+def test_garbage_check_request_is_denied_not_failed(stack: Stack, case: str) -> None:
+    grpc_request, http_request, reason = GARBAGE[case]
+    if stack.front == "grpc":
+        answer = grpc_answer(stack.send(grpc_request))  # an RPC error would raise here
+    else:
+        answer = stack.send_http(http_request)  # a closed connection would raise here
+    assert not answer.allowed
+    assert_wire_deny(answer)
+    assert answer.status in (400, 401, 403)
+    assert set(json.loads(answer.body)) == {"error"}
+    assert answer.error == answer.reason == reason
+    # The front is still there for the next check.
+    assert stack.check(token=stack.token(scope="profile.read")).allowed
 
 
 def test_valid_token_without_a_spiffe_principal_is_denied(stack: Stack) -> None:
-    response = stack.send(check_request(principal="", token=stack.token(scope="profile.read")))
-    assert response.status.code == PERMISSION_DENIED
-    assert response.denied_response.status.code == 403
-    assert not response.ok_response.headers
+    answer = stack.check(principal="", token=stack.token(scope="profile.read"))
+    assert not answer.allowed
+    assert_wire_deny(answer, PERMISSION_DENIED)
+    assert answer.status == 403
+    assert answer.error == answer.reason == "workload_unidentified"
+    assert answer.upstream == {}
+    assert answer.token is None
+
+
+def test_two_authorization_headers_are_refused(stack: Stack) -> None:
+    """Envoy joins repeated headers with ","; either front then sees two tokens, not one."""
+    first, second = stack.token(scope="profile.read"), stack.token(scope="profile.read")
+    answer = stack.check(
+        headers=[("authorization", f"Bearer {first}"), ("authorization", f"Bearer {second}")]
+    )
+    assert not answer.allowed
+    assert answer.status == 401
+    assert answer.error == answer.reason == "token_malformed"
+    assert answer.www_authenticate is not None
+    assert 'error="invalid_token"' in answer.www_authenticate
 
 
 # --- health and admin ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("service", ["", AUTHZ_SERVICE])
+@pytest.mark.parametrize("stack", ["grpc"], indirect=True)
+@pytest.mark.parametrize("service", ["", AUTHZ_SERVICE], ids=["server", "authorization"])
 def test_grpc_health_is_serving(stack: Stack, service: str) -> None:
     stub = health_pb2_grpc.HealthStub(stack.channel)
     reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("stack", ["http"], indirect=True)
+def test_http_readyz_is_ready(stack: Stack) -> None:
+    """The HTTP front's counterpart of gRPC health: Envoy's health check of the cluster."""
+    assert stack.sidecar.http_port is not None
+    connection = HttpConnection(stack.sidecar.http_port)
+    try:
+        ready = connection.request(raw_http_request("GET", "/readyz", [("host", "extauthz")]))
+    finally:
+        connection.close()
+    assert (ready.status, ready.body) == (200, b"ready\n")
+    assert ready.header("content-type") == "text/plain"
 
 
 def admin_request(port: int, method: str, path: str) -> int:
@@ -433,15 +421,14 @@ def test_admin_probes_and_jwks(stack: Stack) -> None:
 
 def test_decision_log_has_one_line_per_check_and_no_token(stack: Stack) -> None:
     ids = {name: uuid.uuid4().hex for name in ("allow", "scope", "missing")}
-    stack.send(
-        check_request(token=stack.token(sub="alice", scope="profile.read"), request_id=ids["allow"])
-    )
-    stack.send(check_request(token=stack.token(sub="bob", scope="email"), request_id=ids["scope"]))
-    stack.send(check_request(request_id=ids["missing"]))
+    stack.check(token=stack.token(sub="alice", scope="profile.read"), request_id=ids["allow"])
+    stack.check(token=stack.token(sub="bob", scope="email"), request_id=ids["scope"])
+    stack.check(request_id=ids["missing"])
 
     allow = decision_for(stack, ids["allow"])
     assert (allow["decision"], allow["reason"], allow["rule"]) == ("allow", "allowed", RULE)
     assert (allow["caller"], allow["sub"]) == (WORKLOADS["orders"], "alice")
+    assert (allow["method"], allow["host"], allow["path"]) == ("GET", HOST, PATH)
     assert isinstance(allow["jti"], str)
     assert allow["jti"]
     scope = decision_for(stack, ids["scope"])
@@ -455,7 +442,8 @@ def test_decision_log_has_one_line_per_check_and_no_token(stack: Stack) -> None:
     for line in (allow, scope, missing):
         assert {"decision", "reason", "rule", "caller", "sub", "jti"} <= set(line)
 
-    # Every Check this module made so far is exactly one line; nothing else goes there.
+    # Every check this module made of this sidecar so far is exactly one line; nothing else
+    # goes there.
     assert len(stack.sidecar.decisions()) == stack.checks
     raw = stack.sidecar.decision_log.read_text(encoding="utf-8")
     assert stack.tokens
@@ -467,18 +455,25 @@ def test_decision_log_has_one_line_per_check_and_no_token(stack: Stack) -> None:
 # --- lifecycle -------------------------------------------------------------------------------
 
 
-def test_sigterm_exits_zero(tmp_path: Path, example_policy_text: str) -> None:
+@pytest.mark.parametrize("front", FRONTS)
+def test_sigterm_exits_zero(tmp_path: Path, example_policy_text: str, front: str) -> None:
     config = write_config(tmp_path, example_policy_text)
-    sidecar = SidecarProcess(config.policy, [config.key_file], tmp_path / "sidecar")
+    sidecar = SidecarProcess(config.policy, [config.key_file], tmp_path / "sidecar", front=front)
     sidecar.start()
+    client = FrontClient(sidecar, front)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}", CHANNEL_OPTIONS) as channel:
-            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            assert stub.Check(check_request(), timeout=5).status.code == UNAUTHENTICATED
+        answer = client.check()
+        assert (answer.status, answer.reason) == (401, "token_missing")
+        if front == "grpc":
+            assert answer.raw.status.code == UNAUTHENTICATED
+        # The client's channel or keep-alive connection stays open, as Envoy's does.
         started = time.monotonic()
         assert sidecar.stop() == 0
         assert time.monotonic() - started < 8
+        if front == "http":
+            assert client.connection.closed()
     finally:
+        client.close()
         sidecar.stop()
 
 
@@ -593,12 +588,22 @@ def test_serve_requires_a_key_or_dev(tmp_path: Path, example_policy_text: str) -
     assert "--dev" in stderr
 
 
-def test_too_many_headers_is_a_431_deny_not_an_error(stack: Any) -> None:
+def test_too_many_headers_is_a_431_deny_not_an_error(stack: Stack) -> None:
     """The sidecar bounds what it parses: over 200 headers is a deny inside the response."""
-    request = check_request(request_id="many-headers")
-    for index in range(250):
-        request.attributes.request.http.headers[f"x-filler-{index}"] = "v"
-    response = stack.send(request)
-    assert response.status.code != 0
-    assert response.denied_response.status.code == 431
-    assert json.loads(response.denied_response.body) == {"error": "request_too_large"}
+    answer = stack.check(check_headers=[(f"x-filler-{index}", "v") for index in range(250)])
+    assert not answer.allowed
+    assert_wire_deny(answer)
+    assert answer.status == 431
+    assert json.loads(answer.body) == {"error": "request_too_large"}
+    assert answer.reason == "request_too_large"
+    assert answer.client_headers == DENY_HEADERS
+
+
+def test_too_many_header_bytes_is_a_431_deny_not_an_error(stack: Stack) -> None:
+    """Over 64 KiB of header names and values is refused the same way."""
+    token = stack.token(scope="profile.read")
+    answer = stack.check(token=token, check_headers=[("x-filler", "v" * (64 * 1024))])
+    assert not answer.allowed
+    assert_wire_deny(answer)
+    assert answer.status == 431
+    assert answer.error == answer.reason == "request_too_large"

@@ -78,6 +78,7 @@ def _peer_pem(url_encoded: str) -> str:
 # field is its tag, its length and its bytes. ``check_response`` parses the same bytes back,
 # for the tools and the tests, so what they read is what Envoy receives.
 
+
 def _length(n: int) -> bytes:
     """A length as a protobuf varint; answers stay far below the three-byte lengths."""
     if n < 0x80:

@@ -26,6 +26,9 @@ class GrpcEdge:
     def parse(self, request: external_auth_pb2.CheckRequest) -> CheckInput | Deny:
         return edge.check_input(request)
 
+    def request_id(self, request: external_auth_pb2.CheckRequest) -> str:
+        return str(request.attributes.request.http.id)
+
     def respond(self, decision: Decision) -> bytes:
         return edge.encode_response(decision)
 

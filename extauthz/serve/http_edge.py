@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -31,6 +32,8 @@ XFCC = "x-forwarded-client-cert"
 # (``dynamic_metadata_from_headers``), for its access log.
 REASON_HEADER = "x-extauthz-reason"
 RULE_HEADER = "x-extauthz-rule"
+JTI_HEADER = "x-extauthz-jti"  # of the minted (or, in shadow mode, would-be) token
+TXN_HEADER = "x-extauthz-txn"
 
 
 @dataclass(slots=True)
@@ -43,6 +46,7 @@ class HttpCheck:
     header_bytes: int = 0
     header_count: int = 0
     invalid: str = ""  # why the front could not parse the request, when it could not
+    target_too_long: bool = False
 
     def add_header(self, name: str, value: str) -> None:
         """Keep a header line as Envoy's gRPC client would report it: repeated names joined
@@ -61,6 +65,8 @@ def check_input(check: HttpCheck) -> CheckInput | Deny:
     or not addressed to the check path."""
     if check.invalid:
         return Deny(Reason.REQUEST_INVALID, check.invalid)
+    if check.target_too_long:
+        return Deny(Reason.REQUEST_TOO_LARGE, "request target over the limit")
     if check.header_count > MAX_HEADERS:
         return Deny(Reason.REQUEST_TOO_LARGE, f"{check.header_count} headers")
     if check.header_bytes > MAX_HEADER_BYTES:
@@ -105,6 +111,8 @@ def _peer(xfcc: str) -> tuple[str, str, str]:
 
 # --- the answer -------------------------------------------------------------------------------
 
+_TOKEN_ID = re.compile(r"[A-Za-z0-9._~+/=-]{1,256}")
+
 _PHRASES = {
     200: "OK",
     400: "Bad Request",
@@ -126,11 +134,11 @@ def check_response(decision: Decision, head_only: bool = False) -> bytes:
     rule = decision.rule.id if decision.rule else ""
     if decision.shadow:
         # Shadow mode: logged, not enforced; the request goes upstream as it came.
-        return _shadow(decision.reason, rule)
+        return _shadow(decision.reason, rule) + _minted(decision) + b"\r\n"
     if decision.allowed and decision.token:
         before, after = _allow_parts(decision.header, decision.strip_headers, rule)
         value = "Bearer " + decision.token if decision.header == "authorization" else decision.token
-        return before + value.encode("ascii") + after
+        return before + value.encode("ascii") + b"\r\n" + _minted(decision) + after
     if decision.allowed:
         # An allow without a token is a bug; never forward the broad credential because of it.
         return deny_response(Reason.INTERNAL_ERROR, head_only=head_only)
@@ -144,13 +152,28 @@ def _allow_parts(header: str, strip: tuple[str, ...], rule: str) -> tuple[bytes,
     if strip:
         lines.append(f"x-envoy-auth-headers-to-remove: {','.join(strip)}\r\n")
     lines.append(_metadata(Reason.ALLOWED, rule))
-    return "".join(lines).encode("ascii") + f"{header}: ".encode("ascii"), b"\r\n\r\n"
+    return "".join(lines).encode("ascii") + f"{header}: ".encode("ascii"), b"\r\n"
 
 
 @functools.lru_cache(maxsize=4096)
 def _shadow(reason: Reason, rule: str) -> bytes:
-    head = "content-length: 0\r\n" + _metadata(reason, rule) + "\r\n"
+    head = "content-length: 0\r\n" + _metadata(reason, rule)
     return _status_line(200) + head.encode("ascii")
+
+
+def _minted(decision: Decision) -> bytes:
+    """The minted token's ids, for Envoy's dynamic metadata (its access log)."""
+    claims = decision.claims
+    if claims is None:
+        return b""
+    lines = []
+    for name, key in ((JTI_HEADER, "jti"), (TXN_HEADER, "txn")):
+        value = claims.get(key)
+        # Only values that cannot end the header line (ours are base64url); anything else is
+        # left out rather than escaped.
+        if isinstance(value, str) and _TOKEN_ID.fullmatch(value):
+            lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("ascii")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -180,6 +203,9 @@ class HttpEdge:
 
     def parse(self, request: HttpCheck) -> CheckInput | Deny:
         return check_input(request)
+
+    def request_id(self, request: HttpCheck) -> str:
+        return request.headers.get("x-request-id", "")
 
     def respond(self, decision: Decision) -> bytes:
         return check_response(decision)

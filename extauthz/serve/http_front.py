@@ -32,7 +32,7 @@ _NOT_READY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
     b"content-length: 10\r\n\r\nnot ready\n"
 )
-# A request target longer than this is refused like too many header bytes.
+# A longer request target is refused (request_too_large), never decided on a part of it.
 MAX_TARGET_BYTES = 16 * 1024
 # Answers a peer does not read pile up in the transport; past this, it is dropped.
 MAX_UNREAD_ANSWERS = 1 << 20
@@ -95,7 +95,8 @@ class HttpFront:
     def answer(self, method: bytes, target: bytes, check: HttpCheck) -> bytes:
         """The bytes to send back for one complete request."""
         if target == READY_PATH:
-            return _READY if self.ready() else _NOT_READY
+            answer = _READY if self.ready() else _NOT_READY
+            return answer[: answer.index(b"\r\n\r\n") + 4] if method == b"HEAD" else answer
         check.method = method.decode("ascii", "replace")
         check.target = target.decode("utf-8", "replace")
         return self.sidecar.check(check, self._edges[method == b"HEAD"])
@@ -144,7 +145,7 @@ class _Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         if len(self.target) + len(url) > MAX_TARGET_BYTES:
-            self.check.header_bytes += len(url)  # over the limit: check_input denies it
+            self.check.target_too_long = True  # check_input denies it
             return
         self.target += url
 
@@ -155,6 +156,8 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closing:
             return
+        if self.parser.should_upgrade():
+            return  # not a check: httptools raises HttpParserUpgrade next, and it is refused
         method = self.parser.get_method()
         answer = self.front.answer(method, self.target, self.check)
         transport.write(answer)

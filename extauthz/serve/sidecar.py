@@ -40,6 +40,7 @@ class Edge(Protocol[RequestT, ResponseT]):
     """What a front knows: its wire format in and out."""
 
     def parse(self, request: RequestT) -> CheckInput | Deny: ...
+    def request_id(self, request: RequestT) -> str: ...
     def respond(self, decision: Decision) -> ResponseT: ...
     def internal_error(self) -> ResponseT: ...
 
@@ -93,6 +94,7 @@ class Sidecar:
             loaded = self._loaded
             parsed = edge.parse(request)
             if isinstance(parsed, Deny):
+                request_id = edge.request_id(request)  # a request refused before reading
                 decision = Decision(parsed.reason, parsed.detail)
             elif loaded is None:
                 request_id = parsed.request_id
