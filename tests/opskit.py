@@ -7,6 +7,7 @@ upstream and Envoy. Every wait here is a poll with a deadline, never a bare slee
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ from extauthz.demo.envoy import Envoy, load_base_config, render_config
 from extauthz.demo.idp import Idp
 from extauthz.demo.pki import Pki, make_pki
 from extauthz.demo.stack import (
+    LOOPBACK,
     WORKLOADS,
     Response,
     SidecarProcess,
@@ -48,6 +50,7 @@ from extauthz.demo.stack import (
     https_request,
     mtls_context,
 )
+from extauthz.serve.http_edge import PATH_PREFIX
 
 HOST = "profile.shop.svc.cluster.local"
 PATH = "/v1/customers/42"
@@ -305,6 +308,48 @@ def tampered(idp: Idp) -> str:
     return one.rsplit(".", 1)[0] + "." + other.rsplit(".", 1)[1]
 
 
+# --- the HTTP front, directly (as Envoy's http_service calls it) --------------------------------
+
+
+def http_check(
+    port: int,
+    token: str | None = None,
+    *,
+    workload: str = "orders",
+    method: str = "GET",
+    host: str = HOST,
+    path: str = PATH,
+    timeout: float = 5.0,
+) -> Response:
+    """One authorization request to an HTTP front, shaped like Envoy's (``envoy-http.yaml``):
+    ``/check`` + the path, the original Host, and one XFCC element naming the mTLS peer (its
+    URI only: no certificate hash, so nothing is bound to one). A fresh connection each time,
+    so the kernel may hand it to any worker sharing the port."""
+    headers = {
+        "host": host,
+        "x-forwarded-client-cert": f"URI={WORKLOADS[workload]}",
+        "x-request-id": str(uuid.uuid4()),
+    }
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        conn.request(method, PATH_PREFIX + path, headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+        return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+    finally:
+        conn.close()
+
+
+def http_minted(response: Response) -> CompactJWS:
+    """The token an HTTP front's allow asks Envoy to set upstream."""
+    assert response.status == 200, response
+    value = response.headers.get("authorization", "")
+    assert value.startswith("Bearer "), response.headers
+    return parse_compact(value.removeprefix("Bearer "))
+
+
 # --- an issuer's JWKS endpoint ---------------------------------------------------------------
 
 JWKS_PATH = "/jwks.json"
@@ -439,8 +484,10 @@ def free_port_except(taken: Sequence[int]) -> int:
 
 
 class Slice:
-    """Envoy in front of the echo upstream, checking with the given sidecar process. Without
-    ``pki``, one is made for the three workloads of ``WORKLOADS``."""
+    """Envoy in front of the echo upstream, checking with the given sidecar process over its
+    front (``sidecar.front``: envoy.yaml for gRPC, envoy-http.yaml for HTTP). Without
+    ``authz_ports``, Envoy's extauthz cluster is the sidecar's ``authz_port``; without ``pki``,
+    one is made for the three workloads of ``WORKLOADS``."""
 
     def __init__(
         self,
@@ -454,7 +501,8 @@ class Slice:
         self.pki: Pki = pki or make_pki(workdir / "certs", WORKLOADS)
         self.echo = EchoServer()
         self.sidecar = sidecar
-        self.authz_ports = list(authz_ports) or [sidecar.grpc_port]
+        self.front = sidecar.front
+        self.authz_ports = list(authz_ports) or [sidecar.authz_port]
         self.listen_port = free_port()
         self.envoy: Envoy | None = None
 
@@ -464,7 +512,7 @@ class Slice:
             if not self.sidecar.running:
                 self.sidecar.start()
             config = render_config(
-                load_base_config(),
+                load_base_config(self.front),
                 listen_port=self.listen_port,
                 authz_ports=self.authz_ports,
                 upstream_port=self.echo.port,
@@ -486,9 +534,17 @@ class Slice:
         self.echo.stop()
 
     def request(
-        self, workload: str, token: str | None, *, path: str = PATH, timeout: float = 5.0
+        self,
+        workload: str,
+        token: str | None,
+        *,
+        path: str = PATH,
+        timeout: float = 5.0,
+        extra: Mapping[str, str] | None = None,
     ) -> Response:
+        """One request through Envoy as ``workload``; ``extra`` headers are sent too."""
         headers = {"authorization": f"Bearer {token}"} if token is not None else {}
+        headers.update(extra or {})
         ctx = mtls_context(self.pki.ca, self.pki.workloads[workload])
         return https_request(
             self.listen_port, ctx, path=path, host=HOST, headers=headers, timeout=timeout

@@ -1,7 +1,10 @@
 """End to end through the real Envoy: mTLS client -> Envoy -> extauthz -> echo upstream.
 
-The echo upstream records every header line as it arrived (duplicates included), so "the
-original token never reached the upstream" is checked on the wire, not on a merged dict.
+Every test runs once per front (ids ``grpc`` and ``http``): Envoy calling extauthz over
+ext_authz gRPC (envoy.yaml) or over its HTTP authorization service (envoy-http.yaml), with the
+same assertions. The echo upstream records every header line as it arrived (duplicates
+included), so "the original token never reached the upstream" is checked on the wire, not on a
+merged dict.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from opskit import tampered, verifies
+from opskit import tampered, verifies, wait_for
 
 from extauthz.decision.jose import CompactJWS, parse_compact
+from extauthz.decision.reasons import Reason
 from extauthz.demo.echo import ReceivedRequest
+from extauthz.demo.envoy import FRONTS
 from extauthz.demo.pki import x5t_s256
 from extauthz.demo.stack import WORKLOADS, Mesh, Response, http_get
 
@@ -33,9 +37,14 @@ MARK = "x-test-id"
 pytestmark = pytest.mark.envoy
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    with Mesh(tmp_path_factory.mktemp("mesh")) as running:
+@pytest.fixture(scope="module", params=FRONTS)
+def mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mesh]:
+    """One mesh per front for the whole module."""
+    front: str = request.param
+    with Mesh(tmp_path_factory.mktemp(f"mesh-{front}"), front=front) as running:
+        assert running.front == front
         yield running
 
 
@@ -113,6 +122,8 @@ def test_allowed_request_reaches_upstream_with_only_a_narrowed_token(
     assert upstream.path == PATH
 
     assert_never_leaked(subject, upstream)
+    # Nothing of the check's own answer travels upstream but the token.
+    assert not [n for n, _ in upstream.raw_headers if n.startswith(("x-extauthz", "x-envoy-auth"))]
     assert upstream.values("x-forwarded-access-token") == []
     assert upstream.values("proxy-authorization") == []
     assert len(upstream.values("authorization")) == 1
@@ -146,30 +157,40 @@ def test_short_lived_subject_caps_the_minted_expiry(mesh: Mesh, jwks: dict[str, 
 # --- denied ----------------------------------------------------------------------------------
 
 
-DENIED = {
-    # name: (workload, bearer maker, status)
-    "wrong-workload": ("billing", lambda m: token(m), 403),
-    "missing-scope": ("orders", lambda m: token(m, scope="orders.read email"), 403),
-    "tampered-signature": ("orders", lambda m: tampered(m.idp), 401),
-    "expired": ("orders", lambda m: token(m, ttl=-600), 401),
-    "no-token": ("orders", None, 401),
+DENIED: dict[str, tuple[str, Callable[[Mesh], str] | None, Reason]] = {
+    # name: (workload, bearer maker, reason)
+    "wrong-workload": ("billing", lambda m: token(m), Reason.NO_RULE),
+    "missing-scope": (
+        "orders",
+        lambda m: token(m, scope="orders.read email"),
+        Reason.INSUFFICIENT_SCOPE,
+    ),
+    "tampered-signature": ("orders", lambda m: tampered(m.idp), Reason.SIGNATURE_INVALID),
+    "expired": ("orders", lambda m: token(m, ttl=-600), Reason.TOKEN_EXPIRED),
+    "no-token": ("orders", None, Reason.TOKEN_MISSING),
 }
 
 
 @pytest.mark.parametrize("case", list(DENIED))
 def test_denied_requests_never_reach_upstream(mesh: Mesh, case: str) -> None:
-    workload, make, status = DENIED[case]
+    """Both fronts answer a deny alike: our status, JSON body, cache-control and challenge."""
+    workload, make, reason = DENIED[case]
     bearer = make(mesh) if make is not None else None
     response, _, reached = send(mesh, workload, bearer=bearer)
-    assert response.status == status
+    assert response.status == reason.http_status
     assert reached == 0
-    assert set(response.json()) == {"error"}
+    assert response.json() == {"error": reason.code}
+    assert response.headers.get("content-type") == "application/json"
+    assert response.headers.get("cache-control") == "no-store"
     if bearer is not None:
         assert bearer not in response.body.decode()
-    if status == 401:
-        assert response.headers.get("www-authenticate", "").startswith("Bearer")
+    assert response.headers.get("www-authenticate") == (reason.challenge.value or None)
+    if reason.http_status == 401:
+        assert response.headers["www-authenticate"].startswith("Bearer")
     if case == "tampered-signature":
         assert 'error="invalid_token"' in response.headers["www-authenticate"]
+    # The reason travels to Envoy's access log only, never to the client.
+    assert not [name for name in response.headers if name.startswith("x-extauthz")]
 
 
 def test_client_sent_xfcc_does_not_change_the_caller(mesh: Mesh) -> None:
@@ -211,21 +232,32 @@ def test_ambiguous_paths_are_denied(mesh: Mesh, path: str) -> None:
 # --- fail closed -----------------------------------------------------------------------------
 
 
-def test_envoy_fails_closed_with_the_sidecar_stopped(tmp_path: Path) -> None:
-    with Mesh(tmp_path / "mesh") as running:
-        assert send(running, "orders", bearer=token(running))[0].status == 200
-        running.sidecar.stop()
-        response, _, reached = send(running, "orders", bearer=token(running))
+def test_envoy_fails_closed_with_the_sidecar_stopped(mesh: Mesh) -> None:
+    """The module's mesh, so it runs last for its front: the sidecar is started again (on the
+    same ports) before the next front's tests, and must be allowing again by then."""
+    assert send(mesh, "orders", bearer=token(mesh))[0].status == 200
+    mesh.sidecar.stop()
+    try:
+        response, _, reached = send(mesh, "orders", bearer=token(mesh))
         assert response.status in (503, 403)
         assert reached == 0
+    finally:
+        mesh.sidecar.start()
+
+    def allowed_again() -> bool:
+        response, arrived, _ = send(mesh, "orders", bearer=token(mesh))
+        return response.status == 200 and len(arrived) == 1
+
+    wait_for(allowed_again, 10, what="Envoy to allow again after the restart", interval=0.1)
 
 
 # --- the demo --------------------------------------------------------------------------------
 
 
-def test_demo_json_shows_only_narrowed_tokens_upstream() -> None:
+@pytest.mark.parametrize("front", FRONTS)
+def test_demo_json_shows_only_narrowed_tokens_upstream(front: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "extauthz", "demo", "--json"],
+        [sys.executable, "-m", "extauthz", "demo", "--json", "--front", front],
         capture_output=True,
         text=True,
         timeout=60,

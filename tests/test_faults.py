@@ -16,7 +16,9 @@ policy allows:
 - no request the policy denies was allowed, and an allowed request failed only while the sidecar
   was down; nothing sent while it was down reached the upstream.
 
-Every loop is bounded in requests and in time; everything runs on 127.0.0.1.
+Each scenario runs once per front (ids ``grpc`` and ``http``): Envoy checking over ext_authz
+gRPC (envoy.yaml) or over its HTTP authorization service (envoy-http.yaml), with the same
+checks. Every loop is bounded in requests and in time; everything runs on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from opskit import (
 
 from extauthz.decision.jose import CompactJWS, generate_signing_key, parse_compact
 from extauthz.demo.echo import EchoServer
+from extauthz.demo.envoy import FRONTS
 from extauthz.demo.idp import Idp
 from extauthz.demo.pki import Pki, make_pki, x5t_s256
 from extauthz.demo.stack import ISSUER, SidecarProcess, https_request, mtls_context
@@ -299,8 +302,10 @@ def expected(
 # and Envoy ------------------------------------------------------------------------------------
 
 
-def mesh_slice(workdir: Path, pki: Pki, policy: Path, keys: Sequence[Path]) -> Slice:
-    sidecar = SidecarProcess(policy, keys, workdir / "sidecar", extra_args=SIDECAR_ARGS)
+def mesh_slice(workdir: Path, pki: Pki, policy: Path, keys: Sequence[Path], front: str) -> Slice:
+    sidecar = SidecarProcess(
+        policy, keys, workdir / "sidecar", extra_args=SIDECAR_ARGS, front=front
+    )
     return Slice(workdir, sidecar, pki=pki)
 
 
@@ -322,7 +327,7 @@ class Sent:
     norm: str  # normalised, without query: the minted req.path
     headers: list[tuple[str, str]]
     tokens: tuple[str, ...]  # every subject token the request carried
-    subject: dict[str, Any] | None  # claims of its subject token, when that one is valid
+    subject: Mapping[str, Any] | None  # claims of its subject token, when that one is valid
     t_send: float = 0.0
     t_done: float = 0.0
     status: int = 0
@@ -659,6 +664,11 @@ def check_run(
         for name in ("x-forwarded-access-token", "proxy-authorization"):
             if received.values(name):
                 problems.append(f"{s.id}: {name} reached the upstream")
+        answer = [
+            n for n, _ in received.raw_headers if n.startswith(("x-extauthz", "x-envoy-auth"))
+        ]
+        if answer:
+            problems.append(f"{s.id}: the check's answer headers {answer} reached the upstream")
         if (received.method, received.path) != (s.method, s.upstream_path):
             problems.append(f"{s.id}: upstream saw {received.method} {received.path}")
         authorization = received.values("authorization")
@@ -739,10 +749,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("faults-pki"), WORKLOADS)
 
 
+@pytest.fixture(scope="module", params=FRONTS)
+def front(request: pytest.FixtureRequest) -> str:
+    """How Envoy asks the sidecar: ext_authz over gRPC or over HTTP."""
+    name: str = request.param
+    return name
+
+
 # --- the tests -------------------------------------------------------------------------------
 
 
-def test_faults_under_load_with_restart_and_rotation(tmp_path: Path, pki: Pki) -> None:
+def test_faults_under_load_with_restart_and_rotation(tmp_path: Path, pki: Pki, front: str) -> None:
     began = time.monotonic()
     idp = Idp(ISSUER)
     idp.write_jwks(tmp_path / "config" / "issuers" / "corp-idp.json")
@@ -752,7 +769,7 @@ def test_faults_under_load_with_restart_and_rotation(tmp_path: Path, pki: Pki) -
     keys.mkdir()
     old, new = generate_signing_key(), generate_signing_key()
     write_key(old, keys / "a-2026-11.pem")
-    stack = mesh_slice(tmp_path / "stack", pki, policy, [keys])
+    stack = mesh_slice(tmp_path / "stack", pki, policy, [keys], front)
     load = Load(stack, idp, seed=1)
     admin = stack.sidecar.admin_port
     documents: list[dict[str, Any]] = []
@@ -784,7 +801,9 @@ def test_faults_under_load_with_restart_and_rotation(tmp_path: Path, pki: Pki) -
             probe = load.probe()
             return probe if probe.status == 200 else None
 
-        back = wait_for(allowed_again, 10, what="Envoy to allow again", interval=0.1).t_done
+        again = wait_for(allowed_again, 10, what="Envoy to allow again", interval=0.1)
+        assert again is not None
+        back = again.t_done
         load.wait_more(150)
         load.finish()
         documents.append(published_jwks(admin))
@@ -797,7 +816,7 @@ def test_faults_under_load_with_restart_and_rotation(tmp_path: Path, pki: Pki) -
         versions=lambda s: [V1], outages=[(stopping, back)], down=[(exited, restarting)]
     )
     report = check_run(load, stack.echo, documents, timeline)
-    summary("restart+rotation", report, began)
+    summary(f"restart+rotation[{front}]", report, began)
     assert_clean(report)
 
     assert kids(documents[-1]) == {old.kid, new.kid}
@@ -820,7 +839,7 @@ def test_faults_under_load_with_restart_and_rotation(tmp_path: Path, pki: Pki) -
     assert any(s.t_send > back for s in by_new)
 
 
-def test_many_callers_with_jwks_outage_and_reload(tmp_path: Path, pki: Pki) -> None:
+def test_many_callers_with_jwks_outage_and_reload(tmp_path: Path, pki: Pki, front: str) -> None:
     began = time.monotonic()
     idp = Idp(ISSUER)
     issuer = JwksServer(idp)
@@ -829,7 +848,7 @@ def test_many_callers_with_jwks_outage_and_reload(tmp_path: Path, pki: Pki) -> N
     configmap = AtomicDir(tmp_path / "configmap")
     configmap.publish({"policy.yaml": policy_text(V1, jwks_before)})
     key = write_key(generate_signing_key(), tmp_path / "signing-key.pem")
-    stack = mesh_slice(tmp_path / "stack", pki, configmap.root / "policy.yaml", [key])
+    stack = mesh_slice(tmp_path / "stack", pki, configmap.root / "policy.yaml", [key], front)
     issuer.up()
     try:
         stack.start()
@@ -886,7 +905,7 @@ def test_many_callers_with_jwks_outage_and_reload(tmp_path: Path, pki: Pki) -> N
 
     timeline = Timeline(versions=versions, outages=[], down=[])
     report = check_run(load, stack.echo, documents, timeline)
-    summary("jwks-outage+reload", report, began)
+    summary(f"jwks-outage+reload[{front}]", report, began)
     assert_clean(report)
 
     assert stranger.status == 401

@@ -1,5 +1,6 @@
 """Hot reload of the policy and issuer JWKS: a real ConfigMap-style ``..data`` swap while
-requests flow through Envoy, SIGHUP, readiness, and issuer key rotation through the file."""
+requests flow through Envoy (once per front, ids ``grpc`` and ``http``), SIGHUP, readiness,
+and issuer key rotation through the file."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from opskit import (
 )
 
 from extauthz.decision.jose import generate_signing_key, jwks_document
+from extauthz.demo.envoy import FRONTS
 from extauthz.demo.idp import Idp
 from extauthz.demo.stack import ISSUER, SidecarProcess, http_get
 
@@ -92,7 +94,8 @@ def billing_status(mesh: Slice, idp: Idp) -> int:
 
 
 @pytest.mark.envoy
-def test_configmap_swap_under_load(tmp_path: Path, example_policy_text: str) -> None:
+@pytest.mark.parametrize("front", FRONTS)
+def test_configmap_swap_under_load(tmp_path: Path, example_policy_text: str, front: str) -> None:
     idp = Idp(ISSUER)
     cm = AtomicDir(tmp_path / "cm")
     cm.publish(configmap_files(example_policy_text, idp))
@@ -104,8 +107,10 @@ def test_configmap_swap_under_load(tmp_path: Path, example_policy_text: str) -> 
         [key],
         tmp_path / "sidecar",
         extra_args=["--poll-interval", "0.2", *QUICK],
+        front=front,
     )
     mesh = Slice(tmp_path / "mesh", sidecar)
+    assert mesh.front == front
     mesh.start()
     traffic = Traffic(mesh, idp)
     try:

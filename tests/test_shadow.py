@@ -2,7 +2,8 @@
 
 A shadow rule (``mode: shadow`` on the rule) or a shadow policy (top-level ``mode: shadow``)
 computes the full decision, including the claims it would mint, but signs nothing and mutates
-no header. Unit tests drive ``decide`` and the edge; the end-to-end test runs the real Envoy.
+no header. Unit tests drive ``decide`` and the edge; the end-to-end tests run the real Envoy,
+once per front (ids ``grpc`` and ``http``) with the same assertions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from google.rpc import code_pb2
 
 from extauthz.decision.pipeline import Decision
+from extauthz.demo.envoy import FRONTS
 from extauthz.demo.stack import Mesh
 from extauthz.policy.compiler import compile_policy
 from extauthz.serve.decision_log import record
@@ -238,9 +240,14 @@ def test_shadow_enforce_mix_only_the_shadow_rule_passes_untouched() -> None:
 MARK = "x-test-id"
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    with Mesh(tmp_path_factory.mktemp("shadow-mesh"), policy_text=SHADOW_RULE) as running:
+@pytest.fixture(scope="module", params=FRONTS)
+def mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mesh]:
+    """One mesh per front, with the shadow rule policy."""
+    front: str = request.param
+    workdir = tmp_path_factory.mktemp(f"shadow-mesh-{front}")
+    with Mesh(workdir, policy_text=SHADOW_RULE, front=front) as running:
         yield running
 
 
@@ -287,6 +294,9 @@ def test_end_to_end_shadow_rule_forwards_the_original_credentials(mesh: Mesh) ->
     envoy_added = set(enforced.headers) - set(sent) - {MARK}
     assert set(upstream.headers) - set(sent) - {MARK} <= envoy_added
     assert "txn-token" not in upstream.headers
+    # nor does any of the check's own answer travel upstream, enforced or not
+    for received in (enforced, upstream):
+        assert not [h for h in received.headers if h.startswith(("x-extauthz", "x-envoy-auth"))]
 
     entry = log_entry(mesh, "/v1/customers/42", "GET")
     assert entry["decision"] == "allow"

@@ -152,24 +152,29 @@ class Supervisor:
             log.info("admin HTTP on %s:%d (all workers)", split_address(admin_address)[0], port)
         for worker in self.workers:
             worker.start()
-        tasks = [asyncio.create_task(self._watch(w)) for w in self.workers]
-        tasks.append(asyncio.create_task(self.runtime.run(stop)))
+        watches = [asyncio.create_task(self._watch(w)) for w in self.workers]
+        reloader = asyncio.create_task(self.runtime.run(stop))
         await stop.wait()
         self.stopping = True
+        for task in watches:  # no restart may race the signals below
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
         log.info("stopping %d worker(s)", len(self.workers))
         for worker in self.workers:
             if worker.proc and worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM)
         deadline = grace + drain_delay + 5
         codes = await asyncio.gather(*(self._reap(w, deadline) for w in self.workers))
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        reloader.cancel()
+        await asyncio.gather(reloader, return_exceptions=True)
         if admin is not None:
             await admin.stop()
         if self.http is not None:
             self.http.close()
         return 0 if all(code == 0 for code in codes) else 1
+
+    def stop_requested(self) -> bool:
+        return self.stopping
 
     def _reload(self) -> None:
         self.runtime.request_reload()
@@ -201,6 +206,8 @@ class Supervisor:
                     metrics.mark_process_dead(proc.pid)
                     log.error("worker %d exited with %s; restarting", worker.index, proc.returncode)
                     await asyncio.sleep(RESTART_DELAY)
+                    if self.stop_requested():  # SIGTERM came meanwhile: start nothing new
+                        return
                     worker.start()
                 try:
                     reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
