@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import cast
 
 import httptools
 
@@ -116,8 +117,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (asyncio's, or uvloop's, which does not subclass it).
+        self.transport = cast(asyncio.Transport, transport)
         self.front.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
