@@ -203,7 +203,7 @@ def check_request(
         ":path": path,
         ":scheme": "https",
         "user-agent": "test-client/1.0",
-        "x-request-id": str(uuid.uuid4()),
+        "x-request-id": request_id,
         "x-forwarded-proto": "https",
     }
     if token is not None:

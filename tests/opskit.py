@@ -221,13 +221,14 @@ def check_request(
     request_id: str | None = None,
 ) -> external_auth_pb2.CheckRequest:
     """A CheckRequest shaped like the one Envoy 1.40 sends for an mTLS downstream."""
+    request_id = request_id or uuid.uuid4().hex
     headers = {
         ":authority": host,
         ":method": method,
         ":path": path,
         ":scheme": "https",
         "user-agent": "test-client/1.0",
-        "x-request-id": str(uuid.uuid4()),
+        "x-request-id": request_id,
         "x-forwarded-proto": "https",
     }
     if token is not None:
@@ -239,7 +240,7 @@ def check_request(
             destination=ctx.Peer(principal="spiffe://cluster.local/ns/edge/sa/envoy"),
             request=ctx.Request(
                 http=ctx.HttpRequest(
-                    id=request_id or uuid.uuid4().hex,
+                    id=uuid.uuid4().hex,  # Envoy's stream id
                     method=method,
                     host=host,
                     path=path,

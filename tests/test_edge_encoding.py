@@ -46,9 +46,7 @@ def expected_allow(
 @pytest.mark.parametrize("strip", [(), ("proxy-authorization",), ("txn-token", "x-id-token")])
 def test_an_allow_is_the_message_protobuf_would_build(rule: Rule, strip: tuple[str, ...]) -> None:
     claims = {"jti": "j-1", "aud": "a"}
-    decision = Decision(
-        Reason.ALLOWED, rule=rule, claims=claims, token=TOKEN, strip_headers=strip
-    )
+    decision = Decision(Reason.ALLOWED, rule=rule, claims=claims, token=TOKEN, strip_headers=strip)
     meta = {"reason": "allowed", "rule": rule.id, "jti": "j-1"}
     assert check_response(decision) == expected_allow(
         "authorization", "Bearer " + TOKEN, strip, meta
@@ -58,9 +56,7 @@ def test_an_allow_is_the_message_protobuf_would_build(rule: Rule, strip: tuple[s
 
 def test_a_transaction_token_goes_in_its_own_header_with_its_txn(rule: Rule) -> None:
     claims = {"jti": "j-2", "txn": "t-2"}
-    decision = Decision(
-        Reason.ALLOWED, rule=rule, claims=claims, token=TOKEN, header="txn-token"
-    )
+    decision = Decision(Reason.ALLOWED, rule=rule, claims=claims, token=TOKEN, header="txn-token")
     meta = {"reason": "allowed", "rule": rule.id, "jti": "j-2", "txn": "t-2"}
     assert check_response(decision) == expected_allow("txn-token", TOKEN, (), meta)
 
@@ -91,3 +87,27 @@ def test_every_deny_is_encoded_once_and_parses(reason: Reason) -> None:
     assert response.dynamic_metadata.fields["reason"].string_value == reason.code
     assert response.dynamic_metadata.fields["rule"].string_value == "r-1"
     assert response.status.code != code_pb2.OK
+
+
+def test_the_request_id_is_x_request_id_on_both_fronts() -> None:
+    """The decision log joins a check to the request the upstream receives by x-request-id;
+    Envoy's stream id stands in only when the request has none."""
+    from envoy.service.auth.v3 import attribute_context_pb2
+
+    from extauthz.serve.edge import check_input
+    from extauthz.serve.http_edge import HttpCheck
+    from extauthz.serve.http_edge import check_input as http_check_input
+
+    def grpc_request(headers: dict[str, str]) -> external_auth_pb2.CheckRequest:
+        ctx = attribute_context_pb2.AttributeContext
+        http = ctx.HttpRequest(id="stream-7", method="GET", host="h", path="/", headers=headers)
+        return external_auth_pb2.CheckRequest(attributes=ctx(request=ctx.Request(http=http)))
+
+    with_id = check_input(grpc_request({"x-request-id": "rid-1"}))
+    without = check_input(grpc_request({}))
+    assert not isinstance(with_id, Exception) and not isinstance(without, Exception)
+    assert getattr(with_id, "request_id", None) == "rid-1"
+    assert getattr(without, "request_id", None) == "stream-7"
+    check = HttpCheck("GET", "/check/")
+    check.add_header("x-request-id", "rid-1")
+    assert getattr(http_check_input(check), "request_id", None) == "rid-1"

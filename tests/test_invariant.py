@@ -3,6 +3,11 @@
 Every allowed decision mints a token that is narrower than the subject token in every way the
 design names; every denied one mints nothing. Policies, subject tokens (including claims that
 must not be copied) and requests (including ones that match no rule) are all generated.
+
+Every attempt goes through a front (``edgekit``: Envoy's wire request to the gRPC or the HTTP
+front, the edge, decide(), the answer as Envoy applies it), so what is checked is the token
+the upstream would receive, and what else reaches it; ``test_the_fronts_agree`` runs each
+attempt through both and compares.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import corekit as k
+import edgekit
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from edgekit import FRONTS, Result
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +34,6 @@ from extauthz.decision import paths
 from extauthz.decision.identity import certificate_thumbprint
 from extauthz.decision.jose import parse_compact, verify_signature
 from extauthz.decision.model import Policy, Snapshot, normalise_host
-from extauthz.decision.pipeline import Decision, decide
 from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
 from extauthz.errors import PolicyError
@@ -36,6 +43,9 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# The properties run once per front: half the examples each, the same total; and a few for
+# the two fronts side by side.
+PER_FRONT = settings(SETTINGS, max_examples=100)
 
 # --- the universe the generators draw from ----------------------------------------------------
 
@@ -342,7 +352,7 @@ def attempt(draw: st.DrawFn, doc: dict[str, Any], now: float) -> Attempt:
     }
     if draw(BOOLS):
         claims["nbf"] = t + draw(_ints(-3600, 60))
-    if scopes or draw(BOOLS):
+    if len(scopes) > 0 or draw(BOOLS):
         claims["scope"] = " ".join(sorted(scopes))
     act = act_chain(draw)
     if act is not None:
@@ -387,28 +397,52 @@ def subject_token(attempt: Attempt) -> str:
     return k.sign_raw(key, header, attempt.claims)
 
 
-def check_input(attempt: Attempt, token: str, caller: str | None = None) -> Any:
-    return k.request(
+def wire_request(attempt: Attempt, token: str, caller: str | None = None) -> edgekit.Request:
+    """The attempt as the client sends it through Envoy, with ``token`` as its bearer token."""
+    return edgekit.request(
         token,
         method=attempt.method,
         host=attempt.host,
         path=attempt.path,
         principal=caller or attempt.caller,
         headers=attempt.headers,
-        cert=CERT if attempt.cert else "",
+        cert=CERT if attempt.cert else None,
+    )
+
+
+def through(
+    front: str,
+    attempt: Attempt,
+    token: str,
+    snap: Snapshot,
+    now: float,
+    ids: k.Ids,
+    caller: str | None = None,
+) -> Result:
+    """One attempt through ``front``: Envoy's wire request, the edge, decide(), the answer as
+    Envoy applies it."""
+    return edgekit.round_trip(
+        front, wire_request(attempt, token, caller), snap, now=now, new_id=ids
     )
 
 
 # --- the invariant ----------------------------------------------------------------------------
 
 
-def assert_denied_mints_nothing(decision: Decision) -> None:
+def assert_denied_mints_nothing(result: Result) -> None:
+    """A deny: nothing signed, nothing injected, nothing let through, the reason's status."""
+    decision = result.decision
     assert decision.token is None
     assert decision.claims is None
+    assert decision.reason is not Reason.ALLOWED
+    assert not result.allowed and result.upstream is None
+    assert result.token is None and not result.upstream_set
+    assert result.reason == decision.reason.code
+    assert result.status == edgekit.expected_status(result.front, decision.reason)
 
 
 def assert_narrowed(
-    decision: Decision,
+    result: Result,
     *,
     policy: Policy,
     snap: Snapshot,
@@ -418,12 +452,17 @@ def assert_narrowed(
     subject_issuer_id: str,
     caller: str,
 ) -> dict[str, Any]:
-    """Every point of DESIGN.md's narrowing invariant for one allowed decision; returns T."""
+    """Every point of DESIGN.md's narrowing invariant for the token that reaches the upstream
+    through ``result``'s front (T); returns T's claims."""
     ex = policy.exchange
+    decision = result.decision
     rule = decision.rule
     assert rule is not None
     assert rule.shadow is False
-    assert decision.token is not None and decision.claims is not None
+    # The one token the upstream receives, in the policy's header, is the one decide() signed;
+    # no credential the client sent gets through beside it.
+    claims = edgekit.passed(result, rule.id)
+    assert result.token is not None
 
     # The rule really names this request (independently of the table).
     segments = paths.normalise(attempt.path)
@@ -438,13 +477,12 @@ def assert_narrowed(
         assert subject_issuer_id in rule.issuers
     assert rule in policy.rules
 
-    # The token verifies with our key, is of our type and says what decision.claims say.
-    jws = parse_compact(decision.token)
+    # T verifies with our key and is of our type.
+    jws = parse_compact(result.token)
     signer = snap.signing_key
     assert jws.header == {"alg": signer.alg, "kid": signer.kid, "typ": ex.typ}
     assert verify_signature(jws, signer.public(), signer.alg)
-    claims = dict(jws.claims)
-    assert claims == dict(decision.claims)
+    assert dict(jws.claims) == claims
 
     # 1. exactly one audience, from the rule
     assert isinstance(claims["aud"], str)
@@ -471,7 +509,8 @@ def assert_narrowed(
         expected_act["act"] = subject["act"]
     assert claims["act"] == expected_act
     assert claims["client_id"] == caller
-    # 5. bound to the request (and the certificate when known)
+    # 5. bound to the request (and the certificate when known: gRPC reads the PEM, HTTP the
+    # XFCC Hash; both must give its x5t#S256)
     assert claims["req"] == {
         "method": attempt.method,
         "host": normalise_host(attempt.host),
@@ -490,6 +529,7 @@ def assert_narrowed(
         assert claims["tctx"] == {"purpose": rule.id}
         assert decision.header == "txn-token"
         assert "authorization" in decision.strip_headers
+        assert result.upstream_values("authorization") == []
     else:
         assert decision.header == "authorization"
     assert set(claims) == allowed_keys
@@ -501,26 +541,28 @@ def assert_narrowed(
     return claims
 
 
-@SETTINGS
+@pytest.mark.parametrize("front", FRONTS)
+@PER_FRONT
 @given(scenarios())
 def test_every_allowed_decision_is_narrower(
+    front: str,
     scenario: tuple[dict[str, Any], Policy, float, list[Attempt], bool],
 ) -> None:
-    """DESIGN.md 'The narrowing invariant', points 1-5 and 7, for any policy/token/request."""
+    """DESIGN.md 'The narrowing invariant', points 1-5 and 7, for any policy/token/request, on
+    the token that reaches the upstream through either front."""
     _doc, policy, now, tries, eddsa = scenario
     snap = snapshot(policy, eddsa)
     ids = k.Ids()
     jtis: list[str] = []
     for attempt in tries:
         issued_before = len(ids.issued)
-        decision = decide(check_input(attempt, subject_token(attempt)), snap, now, ids)
-        event(decision.reason.code)
-        if not decision.allowed:
-            assert_denied_mints_nothing(decision)
-            assert decision.reason is not Reason.ALLOWED
+        result = through(front, attempt, subject_token(attempt), snap, now, ids)
+        event(result.decision.reason.code)
+        if not result.decision.allowed:
+            assert_denied_mints_nothing(result)
             continue
         claims = assert_narrowed(
-            decision,
+            result,
             policy=policy,
             snap=snap,
             now=now,
@@ -534,46 +576,49 @@ def test_every_allowed_decision_is_narrower(
     assert len(jtis) == len(set(jtis))
 
 
-@SETTINGS
+@pytest.mark.parametrize("front", FRONTS)
+@PER_FRONT
 @given(scenarios())
 def test_a_minted_token_never_comes_back_wider(
+    front: str,
     scenario: tuple[dict[str, Any], Policy, float, list[Attempt], bool],
 ) -> None:
-    """Point 6: a minted token presented as a subject token is refused unless a rule allows
-    re-exchange for a caller it was minted for, and then it narrows again (relative to T)."""
+    """Point 6: a minted token, as the upstream received it, presented as a subject token is
+    refused unless a rule allows re-exchange for a caller it was minted for, and then it
+    narrows again (relative to T)."""
     _doc, policy, now, tries, eddsa = scenario
     snap = snapshot(policy, eddsa)
     ids = k.Ids()
     any_reexchange = any(r.reexchange for r in policy.rules)
     for attempt in tries:
-        first = decide(check_input(attempt, subject_token(attempt)), snap, now, ids)
+        first = through(front, attempt, subject_token(attempt), snap, now, ids)
         if not first.allowed or first.token is None:
             continue
         minted = dict(parse_compact(first.token).claims)
 
         # the same request again, from the same caller, with T as the subject token
-        again = decide(check_input(attempt, first.token), snap, now, ids)
-        event("again:" + again.reason.code)
-        if not again.allowed:
+        again = through(front, attempt, first.token, snap, now, ids)
+        event("again:" + again.decision.reason.code)
+        if not again.decision.allowed:
             assert_denied_mints_nothing(again)
             if not any_reexchange:
-                assert again.reason is Reason.REEXCHANGE_DENIED
+                assert again.decision.reason is Reason.REEXCHANGE_DENIED
         else:
-            assert again.rule is not None and again.rule.reexchange
+            assert again.decision.rule is not None and again.decision.rule.reexchange
             assert minted["aud"] == attempt.caller
         # the audience of T calls onward (the same request shape, as itself)
-        onward = decide(check_input(attempt, first.token, minted["aud"]), snap, now + 1, ids)
-        event("onward:" + onward.reason.code)
-        for decision, caller in ((again, attempt.caller), (onward, minted["aud"])):
-            if not decision.allowed:
-                assert_denied_mints_nothing(decision)
+        onward = through(front, attempt, first.token, snap, now + 1, ids, minted["aud"])
+        event("onward:" + onward.decision.reason.code)
+        for result, caller in ((again, attempt.caller), (onward, minted["aud"])):
+            if not result.decision.allowed:
+                assert_denied_mints_nothing(result)
                 continue
             assert caller == minted["aud"]
             claims = assert_narrowed(
-                decision,
+                result,
                 policy=policy,
                 snap=snap,
-                now=now if decision is again else now + 1,
+                now=now if result is again else now + 1,
                 attempt=attempt,
                 subject=minted,
                 subject_issuer_id="exchange",
@@ -585,21 +630,81 @@ def test_a_minted_token_never_comes_back_wider(
             assert claims["sub"] == minted["sub"]
 
 
-@SETTINGS
+@pytest.mark.parametrize("front", FRONTS)
+@PER_FRONT
 @given(scenarios())
 def test_shadow_rules_never_sign(
+    front: str,
     scenario: tuple[dict[str, Any], Policy, float, list[Attempt], bool],
 ) -> None:
-    """The same scenarios with every rule in shadow mode: decisions are made, nothing minted."""
+    """The same scenarios with every rule in shadow mode: decisions are made, nothing minted;
+    through either front the request goes upstream exactly as it came (the subject token
+    included: shadow mode observes, it does not exchange)."""
     doc, _policy, now, tries, eddsa = scenario
     for rule in doc["rules"]:
         rule["mode"] = "shadow"
     policy = k.compile_fast(doc)
     snap = snapshot(policy, eddsa)
     for attempt in tries:
-        decision = decide(check_input(attempt, subject_token(attempt)), snap, now, k.Ids())
-        assert decision.token is None
+        token = subject_token(attempt)
+        result = through(front, attempt, token, snap, now, k.Ids())
+        decision = result.decision
+        assert decision.token is None and result.token is None
         if decision.allowed:
             assert decision.shadow is True
             assert decision.claims is not None
             assert decision.claims["aud"] == decision.rule.grant.audience  # type: ignore[union-attr]
+        if decision.shadow:
+            assert result.allowed and result.status == 200
+            assert not result.upstream_set and not result.upstream_removed
+            assert result.upstream_values("authorization") == [f"Bearer {token}"]
+            assert result.reason == decision.reason.code
+        else:  # denied before a rule was found: enforced, shadow or not
+            assert_denied_mints_nothing(result)
+
+
+@settings(SETTINGS, max_examples=75)
+@given(scenarios())
+def test_the_fronts_agree(
+    scenario: tuple[dict[str, Any], Policy, float, list[Attempt], bool],
+) -> None:
+    """The same attempt through both fronts ends the same way: reason, status, rule, the
+    claims of the token the upstream receives (with the same jti source), and the rest of what
+    the upstream receives, but for the XFCC element only the HTTP front's Envoy sets."""
+    _doc, policy, now, tries, eddsa = scenario
+    snap = snapshot(policy, eddsa)
+    for attempt in tries:
+        token = subject_token(attempt)
+        grpc, http = (through(f, attempt, token, snap, now, k.Ids("same")) for f in FRONTS)
+        event(grpc.decision.reason.code)
+        assert (grpc.reason, grpc.status, grpc.rule, grpc.allowed) == (
+            http.reason,
+            http.status,
+            http.rule,
+            http.allowed,
+        )
+        assert grpc.decision.caller == http.decision.caller
+        assert grpc.decision.claims == http.decision.claims
+        if grpc.token is not None and http.token is not None:
+            assert parse_compact(grpc.token).claims == parse_compact(http.token).claims
+        else:
+            assert grpc.token is None and http.token is None
+        # ECDSA signatures differ from one signing to the next: the claims are compared above.
+        header = grpc.decision.header
+        assert _rest(grpc.upstream, header) == _rest(http.upstream, header)
+        assert (grpc.body, grpc.client_headers) == (http.body, http.client_headers)
+
+
+def _rest(upstream: Sequence[tuple[str, str]] | None, header: str) -> list[Any] | None:
+    """What the upstream receives, but the XFCC element only the HTTP front's Envoy sets and
+    the minted token's signature."""
+    if upstream is None:
+        return None
+    out: list[Any] = []
+    for name, value in upstream:
+        if name == edgekit.XFCC:
+            continue
+        if name == header and value.count(".") == 2:
+            value = value.rsplit(".", 1)[0]
+        out.append((name, value))
+    return sorted(out)

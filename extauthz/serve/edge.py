@@ -50,7 +50,9 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput | Deny:
         headers=headers,
         principal=attrs.source.principal,
         peer_certificate=_peer_pem(cert) if cert else "",
-        request_id=http.id,
+        # x-request-id, as the HTTP front reads it and the upstream receives it, so a decision
+        # log line joins the request everywhere; Envoy's stream id when there is none.
+        request_id=headers.get("x-request-id") or http.id,
     )
 
 

@@ -27,7 +27,8 @@ class GrpcEdge:
         return edge.check_input(request)
 
     def request_id(self, request: external_auth_pb2.CheckRequest) -> str:
-        return str(request.attributes.request.http.id)
+        http = request.attributes.request.http
+        return str(http.headers.get("x-request-id") or http.id)
 
     def respond(self, decision: Decision) -> bytes:
         return edge.encode_response(decision)

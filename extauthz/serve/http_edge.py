@@ -73,9 +73,9 @@ def check_input(check: HttpCheck) -> CheckInput | Deny:
         return Deny(Reason.REQUEST_TOO_LARGE, "header bytes over the limit")
     if not check.target.startswith(PATH_PREFIX + "/"):
         return Deny(Reason.PATH_INVALID, f"not a check: the path does not start {PATH_PREFIX}/")
-    headers = check.headers
     # The XFCC element describes the peer; it is not a hop chain for ``identify`` to read.
-    principal, certificate, digest = _peer(headers.pop(XFCC, ""))
+    principal, certificate, digest = _peer(check.headers.get(XFCC, ""))
+    headers = {name: value for name, value in check.headers.items() if name != XFCC}
     return CheckInput(
         method=check.method,
         host=headers.get("host", ""),
