@@ -20,9 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import frontkit
 import grpc
 from envoy.service.auth.v3 import (
-    attribute_context_pb2,
     external_auth_pb2,
     external_auth_pb2_grpc,
 )
@@ -220,37 +220,12 @@ def check_request(
     token: str | None = None,
     request_id: str | None = None,
 ) -> external_auth_pb2.CheckRequest:
-    """A CheckRequest shaped like the one Envoy 1.40 sends for an mTLS downstream."""
-    request_id = request_id or uuid.uuid4().hex
-    headers = {
-        ":authority": host,
-        ":method": method,
-        ":path": path,
-        ":scheme": "https",
-        "user-agent": "test-client/1.0",
-        "x-request-id": request_id,
-        "x-forwarded-proto": "https",
-    }
-    if token is not None:
-        headers["authorization"] = f"Bearer {token}"
-    ctx = attribute_context_pb2.AttributeContext
-    return external_auth_pb2.CheckRequest(
-        attributes=ctx(
-            source=ctx.Peer(principal=principal),
-            destination=ctx.Peer(principal="spiffe://cluster.local/ns/edge/sa/envoy"),
-            request=ctx.Request(
-                http=ctx.HttpRequest(
-                    id=uuid.uuid4().hex,  # Envoy's stream id
-                    method=method,
-                    host=host,
-                    path=path,
-                    headers=headers,
-                    scheme="https",
-                    protocol="HTTP/1.1",
-                )
-            ),
-        )
-    )
+    """A CheckRequest shaped like the one Envoy 1.40 sends for an mTLS downstream, without the
+    peer certificate (frontkit builds it)."""
+    return frontkit.check_request(
+        principal=principal, method=method, host=host, path=path, token=token,
+        request_id=request_id,
+    )  # fmt: skip
 
 
 class Checker:
