@@ -425,6 +425,10 @@ def test_render_config_sets_ports_and_cert_paths(count: int, tmp_path: Path, fro
     )
     assert endpoint_ports(config, "extauthz") == authz_ports
     assert endpoint_ports(config, "upstream") == [20200]
+    if front == "http":  # the service's URI names the same server as its cluster
+        (authz,) = [f for f in hcm(config)["http_filters"] if "ext_authz" in f["name"]]
+        uri = authz["typed_config"]["http_service"]["server_uri"]["uri"]
+        assert uri == f"http://127.0.0.1:{authz_ports[0]}"
     assert listener(config)["address"]["socket_address"]["port_value"] == 20100
     assert config["admin"]["address"]["socket_address"]["port_value"] == 20300
     paths = [Path(p) for p in cert_filenames(config)]

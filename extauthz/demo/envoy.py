@@ -99,7 +99,19 @@ def render_config(
     clusters = _get(config, "static_resources", "clusters")
     _set_endpoints(_named(clusters, AUTHZ_CLUSTER, "cluster"), authz_ports)
     _set_endpoints(_named(clusters, UPSTREAM_CLUSTER, "cluster"), [upstream_port])
+    _set_http_service_uri(listener, authz_ports[0])
     return config
+
+
+def _set_http_service_uri(listener: dict[str, Any], port: int) -> None:
+    """The HTTP ext_authz service names its server by URI too (Envoy routes by the cluster;
+    the URI is what it reports): keep the two on the same port."""
+    for chain in listener.get("filter_chains", []):
+        for network_filter in chain.get("filters", []):
+            for http_filter in network_filter.get("typed_config", {}).get("http_filters", []):
+                service = http_filter.get("typed_config", {}).get("http_service")
+                if service is not None:
+                    service["server_uri"]["uri"] = f"http://{_LOOPBACK}:{port}"
 
 
 def validate_config(config: dict[str, Any], workdir: Path) -> None:
