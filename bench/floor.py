@@ -9,8 +9,8 @@ port (``/readyz``) so that it is started and awaited like ``extauthz serve``. Th
 bytes of an HTTP/1.1 answer. Both have the shape of a real allow (the narrowed-token header of a
 minted token's size, the headers to remove, the reason/rule/jti metadata: dynamic metadata over
 gRPC, ``x-extauthz-reason``/``x-extauthz-rule`` headers over HTTP), built once by the product's
-own ``check_response`` of each edge: what the benchmark compares against it is the cost of
-deciding, not of a smaller message.
+own encoder of each edge (``edge.encode_response``, ``http_edge.check_response``): what the
+benchmark compares against it is the cost of deciding, not of a smaller message.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from extauthz.decision.reasons import Reason
 from extauthz.policy.compiler import DEFAULT_STRIP_HEADERS
 from extauthz.serve.admin import AdminServer
 from extauthz.serve.decision_log import DecisionLog
-from extauthz.serve.edge import check_response
+from extauthz.serve.edge import encode_response
 from extauthz.serve.grpc_front import GrpcFront
 from extauthz.serve.http_edge import HttpEdge
 from extauthz.serve.http_edge import check_response as http_check_response
@@ -47,7 +47,7 @@ class AllowAll(Sidecar):
         claims = {"jti": "floor-jti-0123456789abcdef"}
         allow = Decision(Reason.ALLOWED, rule=_RULE, token=_TOKEN, claims=claims,
                          strip_headers=DEFAULT_STRIP_HEADERS)  # fmt: skip
-        self._response = check_response(allow)
+        self._response = encode_response(allow)  # the bytes the gRPC front sends
         self._http_response = http_check_response(allow)  # no body: a HEAD gets the same
 
     def check(self, request: Any, edge: Any) -> Any:

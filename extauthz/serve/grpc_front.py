@@ -37,9 +37,9 @@ class GrpcEdge:
         return edge.encode_deny(Reason.INTERNAL_ERROR)
 
 
-def _serialise(response: bytes | external_auth_pb2.CheckResponse) -> bytes:
-    """Answers are already bytes; a message (the benchmark's floor) is serialised here."""
-    return response if isinstance(response, bytes) else response.SerializeToString()
+def _as_is(response: bytes) -> bytes:
+    """Answers leave the edge serialised already."""
+    return response
 
 
 def authorization_handler(sidecar: Sidecar) -> grpc.GenericRpcHandler:
@@ -52,7 +52,7 @@ def authorization_handler(sidecar: Sidecar) -> grpc.GenericRpcHandler:
     handler = grpc.unary_unary_rpc_method_handler(
         check,
         request_deserializer=external_auth_pb2.CheckRequest.FromString,
-        response_serializer=_serialise,
+        response_serializer=_as_is,
     )
     return grpc.method_handlers_generic_handler(AUTHZ_SERVICE, {"Check": handler})
 

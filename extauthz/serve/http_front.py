@@ -102,6 +102,13 @@ class HttpFront:
         check.target = target.decode("utf-8", "replace")
         return self.sidecar.check(check, self._edges[method == b"HEAD"])
 
+    def refuse(self, why: str) -> bytes:
+        """The answer to bytes that are not a request we read: a deny, counted and logged."""
+        try:
+            return self.sidecar.check(HttpCheck("", "", invalid=why), self._edges[0])
+        except Exception:  # the sidecar turns faults into denies; this is the last guard
+            return deny_response(Reason.REQUEST_INVALID)
+
 
 class _Connection(asyncio.Protocol):
     """One connection from Envoy: httptools calls the ``on_*`` methods while it parses."""
@@ -172,10 +179,5 @@ class _Connection(asyncio.Protocol):
         """A request we cannot parse: a deny, counted and logged like any, then close."""
         if self.transport is None or self.closing:
             return
-        check = HttpCheck("", "", invalid=why)
-        try:
-            answer = self.front.sidecar.check(check, self.front._edges[0])
-        except Exception:  # the sidecar turns faults into denies; this is the last guard
-            answer = deny_response(Reason.REQUEST_INVALID)
-        self.transport.write(answer)
+        self.transport.write(self.front.refuse(why))
         self.close()
