@@ -111,3 +111,12 @@ def test_the_request_id_is_x_request_id_on_both_fronts() -> None:
     check = HttpCheck("GET", "/check/")
     check.add_header("x-request-id", "rid-1")
     assert getattr(http_check_input(check), "request_id", None) == "rid-1"
+
+
+def test_a_clients_long_request_id_is_cut_in_the_decision_log() -> None:
+    """x-request-id is the client's to choose: the log keeps the first 128 characters."""
+    from extauthz.serve.decision_log import MAX_REQUEST_ID, record
+
+    line = record(Decision(Reason.NO_RULE), 0.001, "r" * 10_000, 1.0)
+    assert line["request_id"] == "r" * MAX_REQUEST_ID
+    assert record(Decision(Reason.NO_RULE), 0.001, "", 1.0)["request_id"] is None

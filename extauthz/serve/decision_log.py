@@ -11,6 +11,11 @@ import orjson
 from extauthz.decision.pipeline import Decision
 
 
+# The request id is the request's x-request-id, which a client may choose: a line keeps no more
+# of it than any id needs (a UUID is 36 characters).
+MAX_REQUEST_ID = 128
+
+
 def record(decision: Decision, latency_s: float, request_id: str, now: float) -> dict[str, Any]:
     rule, subject, claims, request = (
         decision.rule,
@@ -37,7 +42,7 @@ def record(decision: Decision, latency_s: float, request_id: str, now: float) ->
         "method": request.method if request else None,
         "host": request.host if request else None,
         "path": request.path if request else None,
-        "request_id": request_id or None,
+        "request_id": request_id[:MAX_REQUEST_ID] or None,
         "detail": decision.detail or None,
         "latency_ms": round(latency_s * 1000, 3),
     }
