@@ -804,3 +804,26 @@ def test_pki_files_and_modes(pki: Pki) -> None:
     for key in [pki.dir / "ca.key", pki.envoy.key, *(p.key for p in pki.workloads.values())]:
         assert key.stat().st_mode & 0o777 == 0o600
         assert b"BEGIN PRIVATE KEY" in key.read_bytes()
+
+
+def _grpc_ext_authz_filters(doc: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(doc, dict):
+        if "grpc_service" in doc and "failure_mode_allow" in doc:
+            yield doc
+        for value in doc.values():
+            yield from _grpc_ext_authz_filters(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            yield from _grpc_ext_authz_filters(value)
+
+
+@pytest.mark.parametrize("name", ["envoy.yaml", "deploy/envoy/sidecar.yaml"])
+def test_grpc_fronts_send_every_request_header(name: str) -> None:
+    """Over gRPC, extauthz asks Envoy to remove only the credential headers it saw: a gRPC
+    ext_authz filter limited by allowed_headers would let an unseen one reach the upstream."""
+    import yaml
+
+    filters = list(_grpc_ext_authz_filters(yaml.safe_load((ROOT / name).read_text())))
+    assert filters, f"no gRPC ext_authz filter found in {name}"
+    for config in filters:
+        assert "allowed_headers" not in config
