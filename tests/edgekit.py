@@ -45,7 +45,7 @@ import hashlib
 import json
 import re
 import ssl
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote
@@ -53,6 +53,7 @@ from urllib.parse import quote
 import corekit as k
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from frontkit import joined
 
 from extauthz.decision.authenticate import SubjectCache
 from extauthz.decision.jose import parse_compact
@@ -142,15 +143,6 @@ def request(
     return Request(method, host, path, tuple(pairs), principal, cert or None)
 
 
-def _joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Lower-case names, repeated names joined with ``,`` in order (Envoy's header map)."""
-    out: dict[str, str] = {}
-    for name, value in pairs:
-        key = name.lower()
-        out[key] = f"{out[key]},{value}" if key in out else value
-    return out
-
-
 def _request_id(req: Request) -> str:
     # Envoy keeps a client's x-request-id (measured with the shipped bootstrap).
     sent = req.fields("x-request-id")
@@ -203,7 +195,7 @@ def grpc_wire(
                 base_pb2.HeaderValue(key=name, raw_value=value.encode("utf-8", "surrogatepass"))
             )
     else:
-        http.headers.update(_joined(pairs))
+        http.headers.update(joined(pairs))
     return external_auth_pb2.CheckRequest(
         attributes=attribute_context_pb2.AttributeContext(
             source=attribute_context_pb2.AttributeContext.Peer(
@@ -221,7 +213,7 @@ def http_wire(req: Request) -> http_edge.HttpCheck:
     (envoy-http.yaml): Host, then each allowed header in one line, repeats joined by Envoy."""
     check = http_edge.HttpCheck(req.method, http_edge.PATH_PREFIX + req.path)
     check.add_header("host", req.host)
-    sent = _joined(req.headers)
+    sent = joined(req.headers)
     for name in HTTP_FORWARDED:
         if name == XFCC:
             value: str | None = envoy_xfcc(req)  # SANITIZE_SET: the client's XFCC is gone

@@ -24,7 +24,7 @@ import socket
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,7 @@ def _lines(headers: HeaderLines | None) -> list[tuple[str, str]]:
     return list(headers.items()) if isinstance(headers, Mapping) else list(headers)
 
 
-def _joined(lines: Sequence[tuple[str, str]]) -> dict[str, str]:
+def joined(lines: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Header lines as Envoy's gRPC client reports them: lower-case names, repeats joined."""
     out: dict[str, str] = {}
     for name, value in lines:
@@ -589,7 +589,7 @@ class FrontClient:
         with ``headers`` and ``token``. ``check_headers`` go into the check request itself
         even where Envoy's filter would drop them (the sidecar's own limits)."""
         if self.front == "grpc":
-            joined = _joined([*_lines(headers), *check_headers])
+            all_headers = joined([*_lines(headers), *check_headers])
             request = check_request(
                 principal=principal,
                 cert_pem=cert_pem,
@@ -597,7 +597,7 @@ class FrontClient:
                 host=host,
                 path=path,
                 token=token,
-                headers=joined,
+                headers=all_headers,
                 request_id=request_id,
             )
             return self.send_grpc(request)
