@@ -10,7 +10,6 @@ import orjson
 
 from extauthz.decision.pipeline import Decision
 
-
 # The request id is the request's x-request-id, which a client may choose: a line keeps no more
 # of it than any id needs (a UUID is 36 characters).
 MAX_REQUEST_ID = 128
