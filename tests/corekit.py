@@ -58,9 +58,21 @@ JWKS_FILE = "issuers/corp-idp.json"
 
 # Every key a minted token may carry (DESIGN.md "Tokens"; core.narrow).
 MINTED_KEYS = frozenset(
-    {"iss", "sub", "aud", "iat", "exp", "jti", "scope", "client_id", "act", "req", "cnf"}
+    {
+        "iss",
+        "sub",
+        "aud",
+        "iat",
+        "exp",
+        "jti",
+        "scope",
+        "client_id",
+        "act",
+        "authorization_details",
+        "cnf",
+    }
 )
-TXN_KEYS = frozenset({"txn", "req_wl", "tctx"})
+TXN_KEYS = frozenset({"txn", "req_wl", "tctx", "rctx", "may_act"})
 
 
 # --- JOSE by hand ---------------------------------------------------------------------------
@@ -233,6 +245,7 @@ def policy_doc(
         "exchange": {
             "issuer": EXCHANGE_ISS,
             "tokenType": token_type,
+            **({"trustDomain": TD} if token_type == "transaction_token" else {}),
             "maxTtl": max_ttl,
             **(exchange or {}),
         },

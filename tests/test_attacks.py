@@ -869,7 +869,7 @@ def test_host_and_method_confusion(
     if isinstance(expected, Reason):
         refused(result, expected)
     else:
-        assert passed(result, expected)["req"]["host"] == HOST
+        assert passed(result, expected)["authorization_details"][0]["host"] == HOST
 
 
 @pytest.mark.parametrize("other", ["evil.example", "payments.shop.svc.cluster.local"])
@@ -884,7 +884,7 @@ def test_host_header_beside_the_authority(front: str, world: World, other: str) 
     if front == "grpc":
         refused(result, Reason.HOST_INVALID)
     else:
-        assert passed(result, PROFILE_RULE)["req"]["host"] == HOST
+        assert passed(result, PROFILE_RULE)["authorization_details"][0]["host"] == HOST
 
 
 # --- spoofed workload identity --------------------------------------------------------------------
@@ -1124,5 +1124,5 @@ def test_path_confusion(
         return
     claims = passed(decision, expected)
     path = routed.split(" ")[0]
-    assert claims["req"]["path"] == path
+    assert claims["authorization_details"][0]["path"] == path
     assert claims["aud"] == (PROFILE if expected == PROFILE_RULE else PAYMENTS)

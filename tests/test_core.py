@@ -124,7 +124,9 @@ def test_allowed_mints_exactly_the_narrowed_claims(tmp_path: Path) -> None:
         "scope": "profile.read profile.write",
         "client_id": k.ORDERS,
         "act": {"sub": k.ORDERS, "act": subject_act},
-        "req": {"method": "GET", "host": k.HOST, "path": "/v1/customers/42"},
+        "authorization_details": [
+            {"type": "http_request", "method": "GET", "host": k.HOST, "path": "/v1/customers/42"}
+        ],
     }
     assert env.ids.issued == ["jti-1"]
     assert decision.rule is not None and decision.rule.id == "orders-read-profile"
@@ -767,10 +769,16 @@ def test_transaction_token_mode(tmp_path: Path) -> None:
     assert env.snap.policy.exchange.typ == "txntoken+jwt"
     claims = minted(env, decision)
     assert parse_compact(decision.token or "").header["typ"] == "txntoken+jwt"
-    assert claims["txn"] == claims["jti"] == "jti-1"
+    # A new transaction: its id is not the token's; the audience is the trust domain, and the
+    # workload the token is for is the one that may present it (may_act).
+    assert claims["txn"] == "jti-1" and claims["jti"] == "jti-2"
+    assert claims["aud"] == k.TD
+    assert claims["may_act"] == {"sub": k.PROFILE}
     assert claims["req_wl"] == k.ORDERS
-    assert claims["tctx"] == {"purpose": "orders-read-profile"}
-    assert claims["aud"] == k.PROFILE
+    assert claims["tctx"]["rule"] == "orders-read-profile"
+    assert claims["rctx"]["req_wl"] == k.ORDERS
+    assert "cnf" not in claims and "client_id" not in claims
+    assert "authorization_details" not in claims
     assert set(claims) <= k.MINTED_KEYS | k.TXN_KEYS
 
 

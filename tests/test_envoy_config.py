@@ -247,6 +247,7 @@ def test_http_config_asks_the_http_front_and_sets_xfcc() -> None:
     assert service["path_prefix"] == PATH_PREFIX
     assert patterns(service["authorization_request"]["allowed_headers"]) == [
         "authorization",
+        "txn-token",
         "x-forwarded-client-cert",
         "x-request-id",
     ]

@@ -228,7 +228,8 @@ def test_recorded_request_names_the_rule_and_allowed(recorded: tuple[Path, Idp])
     assert doc["token"]["keys_tried"] == [idp.key.kid]
     assert doc["request"]["normalised_path"] == "/v1/customers/42"
     assert doc["claims"]["scope"] == "profile.read"
-    assert doc["claims"]["req"] == {
+    assert doc["claims"]["authorization_details"][0] == {
+        "type": "http_request",
         "method": "GET",
         "host": PROFILE_HOST,
         "path": "/v1/customers/42",

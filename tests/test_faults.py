@@ -597,13 +597,27 @@ def check_minted(
         "sub": sent.subject["sub"],
         "client_id": caller,
         "act": {"sub": caller},
-        "req": {"method": sent.method, "host": sent.host, "path": sent.norm},
+        "authorization_details": [
+            {"type": "http_request", "method": sent.method, "host": sent.host, "path": sent.norm}
+        ],
         "cnf": {"x5t#S256": thumbs[sent.workload]},
     }
     for name, value in want.items():
         if claims.get(name) != value:
             problems.append(f"{where}: {name} is {claims.get(name)!r}, not {value!r}")
-    names = {"iss", "sub", "aud", "iat", "exp", "jti", "scope", "client_id", "act", "req", "cnf"}
+    names = {
+        "iss",
+        "sub",
+        "aud",
+        "iat",
+        "exp",
+        "jti",
+        "scope",
+        "client_id",
+        "act",
+        "authorization_details",
+        "cnf",
+    }
     if set(claims) != names:
         problems.append(f"{where}: claims {sorted(claims)}")
     scopes = set(str(claims.get("scope", "")).split())

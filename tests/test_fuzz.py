@@ -1221,7 +1221,7 @@ def assert_allow_is_covered(inp: CheckInput, decision: Decision, now: int) -> No
     assert minted_scopes and minted_scopes <= (subject.scopes & rule.grant.scopes)
     assert claims["exp"] <= min(subject.exp, now + rule.grant.ttl)
     assert claims["sub"] == subject.sub and claims["act"]["sub"] == decision.caller
-    assert claims["req"]["path"] == paths.join(segments)
+    assert claims["authorization_details"][0]["path"] == paths.join(segments)
     jws = parse_compact(decision.token)
     assert dict(jws.claims) == dict(claims)
     assert verify_signature(jws, KEYS.signing.public(), KEYS.signing.alg)

@@ -187,7 +187,12 @@ def test_allow_overwrites_authorization_with_a_bound_narrowed_token(stack: Stack
     assert claims["sub"] == subject_claims["sub"]
     assert set(claims["scope"].split()) == {"profile.read"}
     assert claims["act"]["sub"] == WORKLOADS["orders"]
-    assert claims["req"] == {"method": "GET", "host": HOST, "path": PATH}
+    assert claims["authorization_details"][0] == {
+        "type": "http_request",
+        "method": "GET",
+        "host": HOST,
+        "path": PATH,
+    }
     assert claims["exp"] <= min(subject_claims["exp"], int(after) + 30)
 
     line = decision_for(stack, request_id)

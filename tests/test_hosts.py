@@ -272,7 +272,11 @@ def test_tokens_reach_only_the_virtual_host_they_were_minted_for(
     assert status == 200
     assert claims is not None
     served = {"profile": HOST}.get(upstream)
-    assert claims["req"]["host"] == served, (host, upstream, claims["req"])
+    assert claims["authorization_details"][0]["host"] == served, (
+        host,
+        upstream,
+        claims["authorization_details"][0],
+    )
 
 
 @pytest.mark.envoy
@@ -281,4 +285,4 @@ def test_the_rules_host_is_reached_through_the_shipped_normalisation(hosts: Virt
     for host in (HOST, f"{HOST}:8443", f"{HOST}."):
         status, upstream, claims = hosts.send(host)
         assert (status, upstream) == (200, "profile"), host
-        assert claims is not None and claims["req"]["host"] == HOST
+        assert claims is not None and claims["authorization_details"][0]["host"] == HOST

@@ -1,21 +1,38 @@
-"""Authenticate: exactly one bearer token, verified against the one issuer it names.
+"""Authenticate: exactly one subject token, verified against the one issuer it names.
 
-Only the trusted issuer that the token's ``iss`` names is tried, with that issuer's keys and
-algorithms; a token we minted ourselves is recognised by our own issuer and our published keys.
+The subject token is the one bearer token in ``authorization`` or, in transaction_token mode,
+the one Txn-Token in ``txn-token`` (which takes its place: the draft keeps Txn-Tokens out of
+``authorization``, and we keep them out of it too). Only the trusted issuer that the token's
+``iss`` names is tried, with that issuer's keys and algorithms; a token we minted ourselves is
+recognised by our own issuer and our published keys.
 Everything that does not depend on the time can be remembered per exact token text in a
 ``SubjectCache``; ``exp``, ``nbf`` and ``iat`` are checked on every use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 
-from extauthz.decision.jose import TokenFormatError, parse_compact, verify_signature
-from extauthz.decision.model import SELF_ISSUER_ID, Snapshot, normal_typ
+from extauthz.decision.jose import (
+    CompactJWS,
+    IssuerKeys,
+    TokenFormatError,
+    parse_compact,
+    verify_signature,
+)
+from extauthz.decision.model import (
+    SELF_ISSUER_ID,
+    TXN_HEADER,
+    TXN_TYP,
+    Exchange,
+    Snapshot,
+    normal_typ,
+)
 from extauthz.decision.reasons import Deny, Reason
 
 __all__ = [
@@ -25,10 +42,13 @@ __all__ = [
     "SubjectCache",
     "authenticate",
     "extract_bearer",
+    "extract_txn_token",
 ]
 
 MAX_ACT_DEPTH = 8
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] ([A-Za-z0-9_.~+/=-]+)")
+_COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_MAX_TXN = 256  # a transaction id is a UUID or like it
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _MAX_SUB = 1024
 
@@ -46,6 +66,16 @@ class Subject:
     act: Mapping[str, Any] | None
     may_act: Mapping[str, Any] | None
     not_before: int | float = float("-inf")  # the later of nbf and iat, when present
+    # A Txn-Token (from ``txn-token``): the transaction it belongs to and its contexts.
+    txn: str | None = None
+    tctx: Mapping[str, Any] | None = None
+    rctx: Mapping[str, Any] | None = None
+    jti: str | None = None
+
+    @property
+    def transaction(self) -> bool:
+        """Whether this subject is a Txn-Token of an inner hop."""
+        return self.txn is not None
 
 
 class SubjectCache(Protocol):
@@ -102,23 +132,45 @@ def extract_bearer(headers: Mapping[str, str], max_bytes: int) -> str | Deny:
     return found.group(1)
 
 
+def extract_txn_token(headers: Mapping[str, str], max_bytes: int) -> str | Deny:
+    """Exactly one Txn-Token in exactly one ``txn-token`` header, as the draft's "Txn-Token"
+    HTTP Header section says: the compact JWS itself, no scheme before it."""
+    value = headers.get(TXN_HEADER, "")
+    if value == "":
+        return Deny(Reason.TOKEN_MISSING, "txn-token is empty")
+    if len(value) > max_bytes:
+        return Deny(Reason.TOKEN_TOO_LARGE)
+    # Envoy joins repeated headers with ","; a comma is never part of a JWS compact token.
+    if _COMPACT.fullmatch(value) is None:
+        return Deny(Reason.TOKEN_MALFORMED, "txn-token is not one compact JWS")
+    return value
+
+
 def authenticate(
     headers: Mapping[str, str], snapshot: Snapshot, now: float, cache: SubjectCache | None
 ) -> tuple[Subject | Deny, bool | None]:
     """The verified subject (or the deny), and whether the cache answered (None: no lookup)."""
     exchange = snapshot.policy.exchange
-    token = extract_bearer(headers, exchange.max_token_bytes)
+    if exchange.transaction_tokens and TXN_HEADER in headers:
+        token = extract_txn_token(headers, exchange.max_token_bytes)
+        # The same text is verified differently as a bearer token: never one cache entry.
+        key = "txn " + token if isinstance(token, str) else ""
+        verify = _verify_txn_token
+    else:
+        token = extract_bearer(headers, exchange.max_token_bytes)
+        key = token if isinstance(token, str) else ""
+        verify = _verify
     if isinstance(token, Deny):
         return token, None
-    subject = cache.get(token) if cache is not None else None
+    subject = cache.get(key) if cache is not None else None
     hit = None if cache is None else subject is not None
     if subject is None:
-        verified = _verify(token, snapshot)
+        verified = verify(token, snapshot)
         if isinstance(verified, Deny):
             return verified, hit
         subject = verified
         if cache is not None:
-            cache.put(token, subject)
+            cache.put(key, subject)
     # Time is checked on every use, cached or not.
     if subject.exp <= now - exchange.leeway:
         return Deny(Reason.TOKEN_EXPIRED), hit
@@ -139,6 +191,8 @@ def _verify(token: str, snapshot: Snapshot) -> Subject | Deny:
     iss = claims.get("iss")
     if not isinstance(iss, str):
         return Deny(Reason.CLAIM_INVALID, "iss missing")
+    if exchange.transaction_tokens and iss == exchange.issuer:
+        return Deny(Reason.TOKEN_TYPE_INVALID, "a Txn-Token goes in txn-token, not authorization")
     if iss == exchange.issuer:
         issuer_id, keys = SELF_ISSUER_ID, snapshot.own_keys
         algorithms = keys.algorithms
@@ -151,19 +205,112 @@ def _verify(token: str, snapshot: Snapshot) -> Subject | Deny:
         found = snapshot.issuer_keys.get(trusted.id)
         if found is None:
             return Deny(Reason.KEY_UNKNOWN, "no keys loaded for this issuer", issuer_id=trusted.id)
+        if trusted.transaction_token_service:
+            return Deny(Reason.TOKEN_TYPE_INVALID, "a Txn-Token goes in txn-token")
         issuer_id, keys, algorithms = trusted.id, found, trusted.algorithms
         types, audiences = trusted.token_types, trusted.audiences
 
-    alg = header.get("alg")
-    if not isinstance(alg, str) or alg not in algorithms:
-        return Deny(Reason.ALGORITHM_NOT_ALLOWED, "alg not allowed for this issuer")
-    if "crit" in header:
-        return Deny(Reason.HEADER_UNSUPPORTED, "crit header present")
+    refused = _check_alg(header, algorithms)
+    if refused is not None:
+        return refused
     typ = header.get("typ")
     if typ is not None and (not isinstance(typ, str) or normal_typ(typ) not in types):
         return Deny(Reason.TOKEN_TYPE_INVALID, "typ not accepted for this issuer")
     if typ is None and issuer_id == SELF_ISSUER_ID:
         return Deny(Reason.TOKEN_TYPE_INVALID, "typ missing")
+    signed = _check_signature(jws, keys, issuer_id)
+    if signed is not None:
+        return signed
+
+    return _subject_claims(claims, issuer_id, iss, audiences)
+
+
+def _verify_txn_token(token: str, snapshot: Snapshot) -> Subject | Deny:
+    """A Txn-Token of an inner hop, checked as the draft's "Txn-Token Validation" says (the
+    signature, ``aud`` is our trust domain, not expired: the time is checked by the caller)
+    and its "JWT Body Claims" section requires (``iat``, ``txn``, ``sub``, ``scope``,
+    ``req_wl``). Ours are verified with our published keys; a configured Transaction Token
+    Service's with its own, chosen by ``iss``."""
+    exchange = snapshot.policy.exchange
+    try:
+        jws = parse_compact(token)
+    except TokenFormatError as exc:
+        return Deny(Reason.TOKEN_MALFORMED, str(exc))
+    header, claims = jws.header, jws.claims
+    typ = header.get("typ")
+    if not isinstance(typ, str) or normal_typ(typ) != TXN_TYP:
+        return Deny(Reason.TOKEN_TYPE_INVALID, f"typ is not {TXN_TYP}")
+    source = _txn_source(claims.get("iss"), exchange, snapshot)
+    if isinstance(source, Deny):
+        return source
+    issuer_id, keys, algorithms = source
+    signed = _check_alg(header, algorithms) or _check_signature(jws, keys, issuer_id)
+    if signed is not None:
+        return signed
+
+    aud = claims.get("aud")
+    if aud != exchange.trust_domain and aud != [exchange.trust_domain]:
+        return Deny(Reason.AUDIENCE_MISMATCH, "aud is not this trust domain")
+    for name in ("iat", "req_wl", "txn", "scope"):
+        if name not in claims:
+            return Deny(Reason.CLAIM_INVALID, f"{name} missing")
+    txn, req_wl = claims["txn"], claims["req_wl"]
+    if not isinstance(txn, str) or not txn or len(txn) > _MAX_TXN:
+        return Deny(Reason.CLAIM_INVALID, "txn malformed")
+    if not isinstance(req_wl, str) or not req_wl:
+        return Deny(Reason.CLAIM_INVALID, "req_wl malformed")
+    contexts = [claims.get(name) for name in ("tctx", "rctx")]
+    if any(value is not None and not isinstance(value, dict) for value in contexts):
+        return Deny(Reason.CLAIM_INVALID, "tctx or rctx is not an object")
+    if issuer_id == SELF_ISSUER_ID and not isinstance(claims.get("may_act"), dict):
+        # Every Txn-Token we mint names the one workload that may present it.
+        return Deny(Reason.CLAIM_INVALID, "may_act missing")
+    jti = claims.get("jti")
+    subject = _subject_claims(claims, issuer_id, str(claims.get("iss", "")), None)
+    if isinstance(subject, Deny):
+        return subject
+    return dataclasses.replace(
+        subject,
+        txn=txn,
+        tctx=contexts[0],
+        rctx=contexts[1],
+        jti=jti if isinstance(jti, str) else None,
+    )
+
+
+def _txn_source(
+    iss: object, exchange: Exchange, snapshot: Snapshot
+) -> tuple[str, IssuerKeys, frozenset[str]] | Deny:
+    """Whose keys verify a Txn-Token: ours when it names no issuer (the draft makes ``iss``
+    optional) or names us; else the Transaction Token Service its ``iss`` names."""
+    if iss is None or iss == exchange.issuer:
+        return SELF_ISSUER_ID, snapshot.own_keys, snapshot.own_keys.algorithms
+    if not isinstance(iss, str):
+        return Deny(Reason.CLAIM_INVALID, "iss is not a string")
+    trusted = snapshot.policy.issuers_by_iss.get(iss)
+    if trusted is None or not trusted.transaction_token_service:
+        return Deny(Reason.ISSUER_UNTRUSTED, "iss is not a trusted transaction token service")
+    found = snapshot.issuer_keys.get(trusted.id)
+    if found is None:
+        return Deny(Reason.KEY_UNKNOWN, "no keys loaded for this issuer", issuer_id=trusted.id)
+    return trusted.id, found, trusted.algorithms
+
+
+def _check_alg(header: Mapping[str, Any], algorithms: frozenset[str]) -> Deny | None:
+    """None when ``alg`` is one of the issuer's and no ``crit`` asks for what we do not do."""
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in algorithms:
+        return Deny(Reason.ALGORITHM_NOT_ALLOWED, "alg not allowed for this issuer")
+    if "crit" in header:
+        return Deny(Reason.HEADER_UNSUPPORTED, "crit header present")
+    return None
+
+
+def _check_signature(jws: CompactJWS, keys: IssuerKeys, issuer_id: str) -> Deny | None:
+    """None when one of the issuer's keys for this ``kid`` and ``alg`` verifies (the caller
+    checked ``alg`` with ``_check_alg``)."""
+    header = jws.header
+    alg = str(header["alg"])
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         return Deny(Reason.TOKEN_MALFORMED, "kid is not a string")
@@ -174,8 +321,7 @@ def _verify(token: str, snapshot: Snapshot) -> Subject | Deny:
         )
     if not any(verify_signature(jws, key, alg) for key in candidates):
         return Deny(Reason.SIGNATURE_INVALID)
-
-    return _subject_claims(claims, issuer_id, iss, audiences)
+    return None
 
 
 def _number(value: object) -> TypeGuard[int | float]:

@@ -55,11 +55,19 @@ def authorize(subject: Subject, caller: str, request: Request, policy: Policy) -
         request.host, request.method, request.segments, caller, subject.issuer_id
     )
     if rule is None:
+        if subject.transaction:
+            return Deny(Reason.NO_RULE, "no txnToken rule for this Txn-Token")
         if subject.issuer_id == SELF_ISSUER_ID:
             return Deny(Reason.REEXCHANGE_DENIED, "a minted token is not a subject token here")
         return Deny(Reason.NO_RULE)
-    if subject.issuer_id == SELF_ISSUER_ID and caller not in subject.audiences:
+    # A Txn-Token's aud is the trust domain; the one workload it was minted for is in its
+    # may_act, checked below, so a Txn-Token replayed by any other workload is refused.
+    reexchanged = subject.issuer_id == SELF_ISSUER_ID and not subject.transaction
+    if reexchanged and caller not in subject.audiences:
         return Deny(Reason.REEXCHANGE_DENIED, "minted token was not issued to this caller", rule)
+    if bool(rule.txn) != subject.transaction:
+        # The compiler keeps the two apart (by issuer); this holds it here too.
+        return Deny(Reason.NO_RULE, "a Txn-Token rule and a bearer token, or the reverse", rule)
     if subject.may_act is not None and subject.may_act.get("sub") != caller:
         return Deny(Reason.ACTOR_NOT_PERMITTED, "may_act does not name the caller", rule)
     missing = rule.require_scopes - subject.scopes

@@ -1,9 +1,16 @@
 """Mint: the narrowed claims. Each line of ``narrow`` holds one point of the invariant.
 
-The minted token has exactly one audience (the rule's), the intersection of the subject's and
-the rule's scopes (empty is a deny), a lifetime within the rule's ttl, the policy's maxTtl and
-the subject's own ``exp``, the caller in ``act`` and the request in ``req``. Nothing of the
-subject token is copied unless named here.
+The minted token has exactly one audience, the intersection of the subject's and the rule's
+scopes (empty is a deny), a lifetime within the rule's ttl, the policy's maxTtl and the
+subject's own ``exp``, and the caller in ``act``. Nothing of the subject token is copied unless
+named here.
+
+An access token's audience is the rule's, and the request it is for is in
+``authorization_details`` (RFC 9396's registered claim). A transaction token's audience is the
+trust domain (draft-ietf-oauth-transaction-tokens, "JWT Body Claims"); the workload it is for
+is ``may_act``. The first hop starts the transaction (a new ``txn``, the rule in ``tctx``, the
+request in ``rctx``); an inner hop's replacement keeps ``txn``, ``sub``, ``aud``, ``tctx`` and
+``rctx`` of the one received and nests the call chain in ``act``.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from extauthz.decision.authorize import Request
 from extauthz.decision.model import Policy, Rule
 from extauthz.decision.reasons import Deny, Reason
 
-__all__ = ["actor_chain", "narrow"]
+__all__ = ["REQUEST_DETAIL_TYPE", "actor_chain", "narrow"]
+
+# The authorization_details entry that binds an access token to its request.
+REQUEST_DETAIL_TYPE = "http_request"
 
 
 def narrow(
@@ -40,25 +50,77 @@ def narrow(
     act: dict[str, Any] = {"sub": caller}
     if subject.act is not None:
         act["act"] = actor_chain(subject.act)
-    jti = new_id()
+    exchange = policy.exchange
+    if exchange.transaction_tokens:
+        head = {"iss": exchange.issuer, "sub": subject.sub, "aud": exchange.trust_domain}
+        return _transaction(head, subject, rule, caller, request, scopes, act, now, exp, new_id)
     claims: dict[str, Any] = {
-        "iss": policy.exchange.issuer,
+        "iss": exchange.issuer,
         "sub": subject.sub,
         "aud": rule.grant.audience,
         "iat": now,
         "exp": exp,
-        "jti": jti,
+        "jti": new_id(),
         "scope": " ".join(sorted(scopes)),
         "client_id": caller,
         "act": act,
-        "req": {"method": request.method, "host": request.host, "path": request.path},
+        "authorization_details": [
+            {
+                "type": REQUEST_DETAIL_TYPE,
+                "method": request.method,
+                "host": request.host,
+                "path": request.path,
+            }
+        ],
     }
     if cert_thumbprint is not None:
         claims["cnf"] = {"x5t#S256": cert_thumbprint}
-    if policy.exchange.token_type == "transaction_token":
-        claims["txn"] = jti
-        claims["req_wl"] = caller
-        claims["tctx"] = {"purpose": rule.id}
+    return claims
+
+
+def _transaction(
+    head: dict[str, Any],
+    subject: Subject,
+    rule: Rule,
+    caller: str,
+    request: Request,
+    scopes: frozenset[str],
+    act: dict[str, Any],
+    now: int,
+    exp: int,
+    new_id: Callable[[], str],
+) -> dict[str, Any]:
+    """A Txn-Token: the first of its transaction, or an inner hop's narrower replacement.
+    ``head`` holds ``iss``, ``sub`` and ``aud`` (the trust domain)."""
+    claims = dict(head)
+    if subject.transaction:
+        # "Txn-Token as a subject_token": txn, sub and aud are never modified (the subject
+        # was verified to have this aud); the contexts are the transaction's and go on as
+        # they were asserted.
+        claims["txn"] = subject.txn
+        tctx, rctx = subject.tctx, subject.rctx
+    else:
+        claims["txn"] = new_id()
+        tctx = {"rule": rule.id, "purpose": rule.purpose}
+        rctx = {
+            "req_wl": caller,
+            "method": request.method,
+            "host": request.host,
+            "path": request.path,
+        }
+    claims |= {
+        "iat": now,
+        "exp": exp,
+        "jti": new_id(),
+        "scope": " ".join(sorted(scopes)),
+        "req_wl": caller,
+        "act": act,
+        "may_act": {"sub": rule.grant.audience},
+    }
+    if tctx is not None:
+        claims["tctx"] = dict(tctx)
+    if rctx is not None:
+        claims["rctx"] = dict(rctx)
     return claims
 
 

@@ -18,6 +18,8 @@ from extauthz.decision.jose import IssuerKeys, SigningKey
 
 __all__ = [
     "SELF_ISSUER_ID",
+    "TXN_HEADER",
+    "TXN_TYP",
     "Exchange",
     "Grant",
     "JwksSource",
@@ -34,6 +36,8 @@ __all__ = [
 ]
 
 SELF_ISSUER_ID = "exchange"  # the issuer id a re-exchanged token (minted by us) matches as
+TXN_TYP = "txntoken+jwt"  # the JWT typ of a transaction token, as ``normal_typ`` spells it
+TXN_HEADER = "txn-token"  # the one header a Txn-Token travels in
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,13 @@ class Exchange:
     leeway: int
     max_token_bytes: int
     strip_headers: tuple[str, ...]  # removed from the upstream request on allow
+    # transaction_token mode: the trust domain every Txn-Token is valid in (its ``aud``)
+    trust_domain: str | None = None
+
+    @property
+    def transaction_tokens(self) -> bool:
+        """Whether this exchange mints Txn-Tokens (and inner hops may present them)."""
+        return self.token_type == "transaction_token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +92,12 @@ class TrustedIssuer:
         """The document line of a field ("grant.ttl"), else of the entry."""
         return self.field_lines.get(fieldpath, self.line)
 
+    @property
+    def transaction_token_service(self) -> bool:
+        """A Transaction Token Service: its Txn-Tokens are accepted in ``txn-token`` on inner
+        hops, and nothing of it in ``authorization``."""
+        return TXN_TYP in self.token_types
+
 
 @dataclass(frozen=True, slots=True)
 class Grant:
@@ -106,6 +123,9 @@ class Rule:
     grant: Grant
     shadow: bool
     reexchange: bool
+    # Inner hops of transaction_token mode: "replace" mints a narrower Txn-Token from the one
+    # received, "pass" sends the received one on unchanged. "": the rule takes a bearer token.
+    txn: str = ""
     line: int | None = field(default=None, compare=False)
     # "grant.ttl" -> line, for tools that point at a field (lint, explain)
     field_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)

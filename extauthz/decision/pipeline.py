@@ -58,6 +58,9 @@ class Decision:
     strip_headers: tuple[str, ...] = ()
     issuer_id: str | None = None  # set on key_unknown, so the sidecar can refetch that JWKS
     shadow: bool = False  # computed and logged, not enforced: the request passes untouched
+    # An inner hop's Txn-Token goes on as received: nothing is minted, credentials other than
+    # the Txn-Token are still removed.
+    passthrough: bool = False
     cache_hit: bool | None = None  # whether the subject cache answered; None: not consulted
 
     @property
@@ -104,6 +107,27 @@ def decide(
     # injected, and the front lets the request through as it came.
     shadow = policy.shadow or rule.shadow
 
+    if rule.txn == "pass":
+        wider = subject.scopes - rule.grant.scopes
+        if wider:
+            detail = "the Txn-Token holds scopes this rule does not grant: " + " ".join(
+                sorted(wider)
+            )
+            found = Deny(Reason.INSUFFICIENT_SCOPE, detail, rule)
+            return _denied(found, policy, caller.spiffe_id, subject, request, cache_hit)
+        return Decision(
+            Reason.ALLOWED,
+            rule=rule,
+            caller=caller.spiffe_id,
+            subject=subject,
+            request=request,
+            header=policy.exchange.header,
+            strip_headers=_strip(policy, inp),
+            shadow=shadow,
+            cache_hit=cache_hit,
+            passthrough=True,
+        )
+
     claims = narrow(
         subject, rule, caller.spiffe_id, request, caller.thumbprint, policy, int(now), new_id
     )
@@ -112,9 +136,7 @@ def decide(
         return _denied(found, policy, caller.spiffe_id, subject, request, cache_hit)
 
     token = None if shadow else snapshot.signing_key.sign(claims, policy.exchange.typ)
-    strip = policy.exchange.strip_headers
-    if inp.all_headers:
-        strip = tuple(name for name in strip if name in inp.headers)
+    strip = _strip(policy, inp)
     return Decision(
         Reason.ALLOWED,
         rule=rule,
@@ -128,6 +150,15 @@ def decide(
         shadow=shadow,
         cache_hit=cache_hit,
     )
+
+
+def _strip(policy: Policy, inp: CheckInput) -> tuple[str, ...]:
+    """The credential headers to remove upstream: those seen, or all of them when the front
+    sees only some headers."""
+    strip = policy.exchange.strip_headers
+    if inp.all_headers:
+        strip = tuple(name for name in strip if name in inp.headers)
+    return strip
 
 
 def _denied(

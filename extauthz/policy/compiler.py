@@ -28,6 +28,7 @@ from extauthz.decision.identity import parse_spiffe_id
 from extauthz.decision.jose import SUPPORTED_ALGORITHMS
 from extauthz.decision.model import (
     SELF_ISSUER_ID,
+    TXN_TYP,
     Exchange,
     Grant,
     JwksSource,
@@ -354,7 +355,7 @@ def _document(top: _Scope, text: str, base_dir: Path) -> Policy | None:
     exchange = _exchange(top.mapping("exchange", required=True))
     issuers = _issuers(top, base_dir, exchange)
     trust_domains, hops = _workloads(top.mapping("workloads", required=True))
-    rules = _rules(top, {i.id for i in issuers}, trust_domains, exchange)
+    rules = _rules(top, issuers, trust_domains, exchange)
     # The table is built even when other problems were found, from the rules that are valid
     # on their own, so overlaps are reported together with everything else.
     table, overlaps = build_table(rules)
@@ -390,7 +391,7 @@ def _exchange(found: _Scope) -> Exchange | None:
         return None
     # Unknown keys of this section are reported by their bare name, the others as "exchange.x".
     found.section("exchange").fields(
-        ("issuer", "tokenType", "maxTtl", "leeway", "maxTokenBytes", "stripHeaders")
+        ("issuer", "tokenType", "trustDomain", "maxTtl", "leeway", "maxTokenBytes", "stripHeaders")
     )
     scope = found.section("exchange", "exchange.")
     issuer = scope.string("issuer")
@@ -400,6 +401,7 @@ def _exchange(found: _Scope) -> Exchange | None:
     if not isinstance(token_type, str) or token_type not in TOKEN_TYPES:
         scope.fail("tokenType", "must be access_token or transaction_token")
         token_type = "access_token"
+    trust_domain = _trust_domain(scope, token_type)
     max_ttl = scope.duration("maxTtl", DEFAULT_MAX_TTL)
     if max_ttl is not None and max_ttl > HARD_MAX_TTL:
         scope.fail("maxTtl", f"must be at most {HARD_MAX_TTL}s", code=_TTL)
@@ -423,6 +425,8 @@ def _exchange(found: _Scope) -> Exchange | None:
     strip = tuple(dict.fromkeys([*DEFAULT_STRIP_HEADERS, *extra]))
     if issuer is None or max_ttl is None or leeway is None or not isinstance(max_bytes, int):
         return None
+    if token_type == "transaction_token" and trust_domain is None:
+        return None
     return Exchange(
         issuer=issuer,
         token_type=token_type,
@@ -432,7 +436,22 @@ def _exchange(found: _Scope) -> Exchange | None:
         leeway=leeway,
         max_token_bytes=max_bytes,
         strip_headers=tuple(h for h in strip if h != header),
+        trust_domain=trust_domain,
     )
+
+
+def _trust_domain(scope: _Scope, token_type: str) -> str | None:
+    """``trustDomain``: the ``aud`` of every Txn-Token, required in transaction_token mode and
+    meaningless in the other. Spelt as a SPIFFE trust domain (``prod.example.com``)."""
+    if token_type != "transaction_token":
+        if scope.has("trustDomain"):
+            scope.fail("trustDomain", "goes with tokenType transaction_token only")
+        return None
+    domain = scope.string("trustDomain")
+    if domain is not None and parse_spiffe_id(f"spiffe://{domain}/x") is None:
+        scope.fail("trustDomain", f"{domain!r} is not a trust domain name like prod.example.com")
+        return None
+    return domain
 
 
 def _entry_name(section: str, index: int, node: Any) -> str:
@@ -491,7 +510,14 @@ def _issuer(
             scope.fail("issuer", "is the exchange's own issuer")
         seen.issuers.add(iss)
     jwks = _jwks(scope.mapping("jwks", required=True), base_dir)
-    audiences = scope.strings("audiences", missing=_AUDIENCES_MISSING)
+    raw_types = scope.get("tokenTypes")
+    service = isinstance(raw_types, list) and any(
+        isinstance(t, str) and normal_typ(t) == TXN_TYP for t in raw_types
+    )
+    if service:
+        audiences = _service_audiences(scope, exchange)
+    else:
+        audiences = scope.strings("audiences", missing=_AUDIENCES_MISSING)
     algorithms = scope.strings("algorithms")
     for alg in algorithms or []:
         if alg not in SUPPORTED_ALGORITHMS:
@@ -499,6 +525,8 @@ def _issuer(
             code = _WEAK_ALGORITHM if _is_weak_algorithm(alg) else _INVALID
             scope.fail("algorithms", f"{alg!r} is not accepted (use: {hint})", code=code)
     types = scope.strings("tokenTypes", required=False) or ["JWT", "at+jwt"]
+    if service and any(normal_typ(t) != TXN_TYP for t in types):
+        scope.fail("tokenTypes", f"a transaction token service's tokenTypes is [{TXN_TYP}] only")
     if scope.count() != before or not (ident and iss and jwks and audiences and algorithms):
         return None
     return TrustedIssuer(
@@ -511,6 +539,21 @@ def _issuer(
         line=scope.line,
         field_lines=_lines(scope, ("issuer", "jwks", "audiences", "algorithms", "tokenTypes")),
     )
+
+
+def _service_audiences(scope: _Scope, exchange: Exchange | None) -> list[str] | None:
+    """A Transaction Token Service's tokens are valid in the trust domain and nowhere else:
+    ``audiences`` is that domain, so it may be left out."""
+    if exchange is None:
+        return None
+    if not exchange.transaction_tokens or exchange.trust_domain is None:
+        scope.fail("tokenTypes", f"{TXN_TYP} goes with exchange.tokenType transaction_token")
+        return None
+    audiences = scope.strings("audiences", required=False, missing=_AUDIENCES_MISSING)
+    if audiences is not None and audiences != [exchange.trust_domain]:
+        scope.fail("audiences", f"must be [{exchange.trust_domain}], the exchange's trustDomain")
+        return None
+    return [exchange.trust_domain]
 
 
 def _is_weak_algorithm(name: str) -> bool:
@@ -580,16 +623,21 @@ class _Known:
     issuer_ids: set[str]
     trust_domains: list[str]
     exchange: Exchange | None
+    txn_sources: set[str]  # where an inner hop's Txn-Token may come from: us, or a TTS
 
 
 def _rules(
-    top: _Scope, issuer_ids: set[str], trust_domains: list[str], exchange: Exchange | None
+    top: _Scope,
+    issuers: list[TrustedIssuer],
+    trust_domains: list[str],
+    exchange: Exchange | None,
 ) -> list[Rule]:
     nodes = top.get("rules")
     if not isinstance(nodes, list):
         top.fail("rules", "must be a list")
         return []
-    known = _Known(issuer_ids, trust_domains, exchange)
+    services = {i.id for i in issuers if i.transaction_token_service}
+    known = _Known({i.id for i in issuers}, trust_domains, exchange, {SELF_ISSUER_ID, *services})
     out: list[Rule] = []
     seen: set[str] = set()
     for index, node in enumerate(nodes):
@@ -619,7 +667,7 @@ class _Match:
 
 
 def _rule(scope: _Scope, known: _Known) -> Rule | None:
-    scope.fields(("id", "purpose", "match", "require", "grant", "mode", "reexchange"))
+    scope.fields(("id", "purpose", "match", "require", "grant", "mode", "reexchange", "txnToken"))
     ident = scope.string("id")
     if ident is not None and not _ID.fullmatch(ident):
         scope.fail("id", "must be lower-case letters, digits, '.', '_' or '-'")
@@ -630,12 +678,13 @@ def _rule(scope: _Scope, known: _Known) -> Rule | None:
     reexchange = scope.get("reexchange", False)
     if not isinstance(reexchange, bool):
         scope.fail("reexchange", "must be true or false")
+    txn = _txn_mode(scope, known, reexchange is True)
     match_scope = scope.mapping("match", required=True)
-    match = _match(match_scope, known)
+    match = _match(match_scope, known, txn)
     require_scope = scope.mapping("require", required=False)
     required = _require(require_scope)
     grant_scope = scope.mapping("grant", required=True)
-    grant = _grant(grant_scope, known.exchange)
+    grant = _grant(grant_scope, known)
     if ident is None or purpose is None or match.host is None or grant is None:
         return None
     if not (match.workloads and match.methods and match.paths and match.issuers):
@@ -652,9 +701,10 @@ def _rule(scope: _Scope, known: _Known) -> Rule | None:
         grant=grant,
         shadow=mode == "shadow",
         reexchange=reexchange is True,
+        txn=txn,
         line=scope.line,
         field_lines={
-            **_lines(scope, ("id", "purpose", "match", "mode", "reexchange")),
+            **_lines(scope, ("id", "purpose", "match", "mode", "reexchange", "txnToken")),
             **_lines(match_scope, ("workloads", "host", "methods", "paths", "issuers")),
             **_lines(require_scope, ("scopes",)),
             **_lines(grant_scope, ("audience", "scopes", "ttl")),
@@ -662,7 +712,25 @@ def _rule(scope: _Scope, known: _Known) -> Rule | None:
     )
 
 
-def _match(scope: _Scope, known: _Known) -> _Match:
+def _txn_mode(scope: _Scope, known: _Known, reexchange: bool) -> str:
+    """``txnToken``: how an inner hop treats the Txn-Token it receives ("" for a rule that
+    takes a bearer token: the first hop)."""
+    txn_mode = known.exchange is not None and known.exchange.transaction_tokens
+    value = scope.get("txnToken")
+    if txn_mode and reexchange:
+        scope.fail("reexchange", "is for access tokens; an inner hop's rule says txnToken")
+    if value is None:
+        return ""
+    if not txn_mode:
+        scope.fail("txnToken", "goes with exchange.tokenType transaction_token only")
+        return ""
+    if value not in ("replace", "pass"):
+        scope.fail("txnToken", "must be replace or pass")
+        return ""
+    return str(value)
+
+
+def _match(scope: _Scope, known: _Known, txn: str = "") -> _Match:
     scope.fields(("workloads", "host", "methods", "paths", "issuers"))
     workloads = [canonical_spiffe(t) for t in scope.strings("workloads") or []]
     for text in workloads:
@@ -684,7 +752,13 @@ def _match(scope: _Scope, known: _Known) -> _Match:
             scope.fail("paths", f"{text!r}: {exc}")
     issuers = scope.strings("issuers") or []
     for iss in issuers:
-        if iss not in known.issuer_ids:
+        if txn:
+            if iss not in known.txn_sources:
+                hint = ", ".join(sorted(known.txn_sources))
+                scope.fail("issuers", f"{iss!r}: a txnToken rule takes Txn-Tokens of: {hint}")
+        elif iss in known.txn_sources - {SELF_ISSUER_ID}:
+            scope.fail("issuers", f"{iss!r} issues Txn-Tokens: only a txnToken rule takes them")
+        elif iss not in known.issuer_ids:
             scope.fail("issuers", f"{iss!r} is not a trusted issuer id")
     return _Match(workloads, host, methods, path_texts, issuers)
 
@@ -696,7 +770,8 @@ def _require(scope: _Scope) -> list[str]:
     return required
 
 
-def _grant(scope: _Scope, exchange: Exchange | None) -> Grant | None:
+def _grant(scope: _Scope, known: _Known) -> Grant | None:
+    exchange = known.exchange
     scope.fields(("audience", "scopes", "ttl"))
     # No audience is a token every system accepts, and a list is several systems.
     several = isinstance(scope.get("audience"), list)
@@ -705,6 +780,13 @@ def _grant(scope: _Scope, exchange: Exchange | None) -> Grant | None:
     )
     if audience is not None and ("*" in audience or " " in audience):
         scope.fail("audience", "must be exactly one audience, no wildcards", code=_AUDIENCE)
+    elif audience is not None and exchange is not None and exchange.transaction_tokens:
+        # A Txn-Token's aud is the trust domain; the rule's audience is the one workload the
+        # token is minted for, and only that workload may present it at the next hop.
+        problem = _workload_problem(canonical_spiffe(audience), known.trust_domains)
+        if problem:
+            scope.fail("audience", f"names the workload the Txn-Token is for: {problem}")
+        audience = canonical_spiffe(audience)
     granted = scope.strings("scopes") or []
     _check_scopes(scope, "scopes", granted)
     # A grant without a ttl has no lifetime of its own to cap.

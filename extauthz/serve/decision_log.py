@@ -37,7 +37,7 @@ def record(decision: Decision, latency_s: float, request_id: str, now: float) ->
         "aud": claims.get("aud") if claims else None,
         "scopes": claims.get("scope") if claims else None,
         "jti": claims.get("jti") if claims else None,
-        "txn": claims.get("txn") if claims else None,
+        "txn": claims.get("txn") if claims else (subject.txn if subject else None),
         "method": request.method if request else None,
         "host": request.host if request else None,
         "path": request.path if request else None,

@@ -137,6 +137,10 @@ def encode_response(decision: Decision) -> bytes:
         option = _field(1, key + _text(2, value)) + _APPEND_FALSE
         ok = _field(2, option) + removals
         return _STATUS_OK + _field(3, ok) + _field(4, fixed + _minted_entries(decision))
+    if decision.allowed and decision.passthrough and not decision.shadow:
+        # An inner hop's Txn-Token goes on as received; the other credentials do not.
+        _, removals, fixed = _allow_parts(decision.header, decision.strip_headers, rule)
+        return _STATUS_OK + _field(3, removals) + _field(4, fixed + _minted_entries(decision))
     if decision.shadow:
         # Shadow mode: the decision is logged, the request goes upstream as it came.
         meta = _entry("reason", decision.reason.code) + _entry("shadow", "true")
@@ -152,7 +156,9 @@ def encode_response(decision: Decision) -> bytes:
 def _minted_entries(decision: Decision) -> bytes:
     claims = decision.claims
     if claims is None:
-        return b""
+        subject = decision.subject
+        txn = subject.txn if decision.passthrough and subject is not None else None
+        return _entry("txn", txn) if txn is not None else b""
     out = _entry("jti", str(claims.get("jti", "")))
     if "txn" in claims:
         out += _entry("txn", str(claims["txn"]))

@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote
 
 from extauthz.decision.identity import parse_xfcc
@@ -135,6 +137,9 @@ def check_response(decision: Decision, head_only: bool = False) -> bytes:
     if decision.shadow:
         # Shadow mode: logged, not enforced; the request goes upstream as it came.
         return _shadow(decision.reason, rule) + _minted(decision) + b"\r\n"
+    if decision.allowed and decision.passthrough:
+        # An inner hop's Txn-Token goes on as received; the other credentials do not.
+        return _pass_parts(decision.strip_headers, rule) + _minted(decision) + b"\r\n"
     if decision.allowed and decision.token:
         before, after = _allow_parts(decision.header, decision.strip_headers, rule)
         value = "Bearer " + decision.token if decision.header == "authorization" else decision.token
@@ -156,6 +161,15 @@ def _allow_parts(header: str, strip: tuple[str, ...], rule: str) -> tuple[bytes,
 
 
 @functools.lru_cache(maxsize=4096)
+def _pass_parts(strip: tuple[str, ...], rule: str) -> bytes:
+    lines = [_status_line(200).decode("ascii"), "content-length: 0\r\n"]
+    if strip:
+        lines.append(f"x-envoy-auth-headers-to-remove: {','.join(strip)}\r\n")
+    lines.append(_metadata(Reason.ALLOWED, rule))
+    return "".join(lines).encode("ascii")
+
+
+@functools.lru_cache(maxsize=4096)
 def _shadow(reason: Reason, rule: str) -> bytes:
     head = "content-length: 0\r\n" + _metadata(reason, rule)
     return _status_line(200) + head.encode("ascii")
@@ -163,7 +177,9 @@ def _shadow(reason: Reason, rule: str) -> bytes:
 
 def _minted(decision: Decision) -> bytes:
     """The minted token's ids, for Envoy's dynamic metadata (its access log)."""
-    claims = decision.claims
+    claims: Mapping[str, Any] | None = decision.claims
+    if claims is None and decision.passthrough and decision.subject is not None:
+        claims = {"txn": decision.subject.txn}
     if claims is None:
         return b""
     lines = []
