@@ -109,7 +109,7 @@ def test_no_token_gives_token_missing() -> None:
     assert doc["decision"] == "deny"
     assert doc["reason"] == "token_missing"
     assert doc["http_status"] == 401
-    assert doc["token"] == {"present": False}
+    assert doc["token"] == {"present": False, "header": "authorization"}
     assert doc["claims"] is None
     text = run("--policy", EXAMPLE, *READ_FLAGS, "--no-token").stdout
     assert "no bearer token" in text

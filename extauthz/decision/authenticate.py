@@ -43,6 +43,7 @@ __all__ = [
     "authenticate",
     "extract_bearer",
     "extract_txn_token",
+    "presented",
 ]
 
 MAX_ACT_DEPTH = 8
@@ -146,22 +147,27 @@ def extract_txn_token(headers: Mapping[str, str], max_bytes: int) -> str | Deny:
     return value
 
 
+def presented(headers: Mapping[str, str], exchange: Exchange) -> tuple[str | Deny, str]:
+    """The subject token's text (or why there is none) and the header it came in: the
+    Txn-Token of an inner hop in transaction_token mode, else the bearer token."""
+    if exchange.transaction_tokens and TXN_HEADER in headers:
+        return extract_txn_token(headers, exchange.max_token_bytes), TXN_HEADER
+    return extract_bearer(headers, exchange.max_token_bytes), "authorization"
+
+
 def authenticate(
     headers: Mapping[str, str], snapshot: Snapshot, now: float, cache: SubjectCache | None
 ) -> tuple[Subject | Deny, bool | None]:
     """The verified subject (or the deny), and whether the cache answered (None: no lookup)."""
-    exchange = snapshot.policy.exchange
-    if exchange.transaction_tokens and TXN_HEADER in headers:
-        token = extract_txn_token(headers, exchange.max_token_bytes)
-        # The same text is verified differently as a bearer token: never one cache entry.
-        key = "txn " + token if isinstance(token, str) else ""
-        verify = _verify_txn_token
-    else:
-        token = extract_bearer(headers, exchange.max_token_bytes)
-        key = token if isinstance(token, str) else ""
-        verify = _verify
+    token, where = presented(headers, snapshot.policy.exchange)
     if isinstance(token, Deny):
         return token, None
+    if where == TXN_HEADER:
+        # The same text is verified differently as a bearer token: never one cache entry.
+        key, verify = "txn " + token, _verify_txn_token
+    else:
+        key, verify = token, _verify
+    exchange = snapshot.policy.exchange
     subject = cache.get(key) if cache is not None else None
     hit = None if cache is None else subject is not None
     if subject is None:

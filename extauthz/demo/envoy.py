@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from extauthz.demo.lifecycle import Started
+from extauthz.demo.pki import CertPair
 
 LISTENER_NAME = "ingress"
 AUTHZ_CLUSTER = "extauthz"
@@ -101,6 +102,105 @@ def render_config(
     _set_endpoints(_named(clusters, UPSTREAM_CLUSTER, "cluster"), [upstream_port])
     _set_http_service_uri(listener, authz_ports[0])
     return config
+
+
+_TYPES = "type.googleapis.com/envoy.extensions"
+_HCM = f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_HCM_FILTER = "envoy.filters.network.http_connection_manager"
+
+
+def outbound_config(
+    *,
+    ca: Path,
+    client: CertPair,
+    upstreams: Mapping[str, int],
+    listen_ports: Mapping[str, int],
+    admin_port: int,
+) -> dict[str, Any]:
+    """A client-side (outbound) Envoy: for each name of ``upstreams``, a plain HTTP/1.1
+    listener on loopback (``listen_ports[name]``) whose requests go, with mTLS presenting
+    ``client``'s certificate, to the server-side Envoy on ``upstreams[name]``. The server's
+    certificate must chain to ``ca`` and name DNS ``localhost`` (as the PKI's Envoy cert does).
+
+    The Host header goes on as the caller sent it; no request id is generated, no
+    ``x-envoy-*`` header is added, and the circuit breakers are out of the way."""
+    if set(upstreams) != set(listen_ports):
+        raise ValueError("upstreams and listen_ports must name the same upstreams")
+    for port in (admin_port, *upstreams.values(), *listen_ports.values()):
+        _check_port(port)
+    tls = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TYPES}.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": {
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(Path(client.cert).absolute())},
+                        "private_key": {"filename": str(Path(client.key).absolute())},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(Path(ca).absolute())},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": "localhost"}}
+                    ],
+                },
+            },
+        },
+    }
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {
+            "@type": f"{_TYPES}.filters.http.router.v3.Router",
+            "suppress_envoy_headers": True,
+        },
+    }
+    limits = {
+        "max_connections": 100_000,
+        "max_pending_requests": 100_000,
+        "max_requests": 100_000,
+        "max_retries": 0,
+    }
+    listeners, clusters = [], []
+    for name, port in upstreams.items():
+        route = {"match": {"prefix": "/"}, "route": {"cluster": name}}
+        hcm = {
+            "@type": _HCM,
+            "stat_prefix": name,
+            "generate_request_id": False,
+            "route_config": {
+                "name": name,
+                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}],
+            },
+            "http_filters": [router],
+        }
+        address = {"socket_address": {"address": _LOOPBACK, "port_value": listen_ports[name]}}
+        listeners.append(
+            {
+                "name": f"to-{name}",
+                "address": address,
+                "filter_chains": [{"filters": [{"name": _HCM_FILTER, "typed_config": hcm}]}],
+            }
+        )
+        endpoint = {
+            "endpoint": {"address": {"socket_address": {"address": _LOOPBACK, "port_value": port}}}
+        }
+        clusters.append(
+            {
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "transport_socket": tls,
+                "circuit_breakers": {"thresholds": [limits]},
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [{"lb_endpoints": [endpoint]}],
+                },
+            }
+        )
+    admin = {"address": {"socket_address": {"address": _LOOPBACK, "port_value": admin_port}}}
+    return {"admin": admin, "static_resources": {"listeners": listeners, "clusters": clusters}}
 
 
 def _set_http_service_uri(listener: dict[str, Any], port: int) -> None:

@@ -715,10 +715,14 @@ def _rule(scope: _Scope, known: _Known) -> Rule | None:
 def _txn_mode(scope: _Scope, known: _Known, reexchange: bool) -> str:
     """``txnToken``: how an inner hop treats the Txn-Token it receives ("" for a rule that
     takes a bearer token: the first hop)."""
-    txn_mode = known.exchange is not None and known.exchange.transaction_tokens
+    # With a broken exchange section the mode is unknown: the rule is checked as written.
+    txn_mode = known.exchange is None or known.exchange.transaction_tokens
+    # A rule found wrong here is not built; what is returned only keeps the checks of its
+    # other fields from repeating the same mistake.
     value = scope.get("txnToken")
     if txn_mode and reexchange:
         scope.fail("reexchange", "is for access tokens; an inner hop's rule says txnToken")
+        return "replace"
     if value is None:
         return ""
     if not txn_mode:
@@ -726,7 +730,7 @@ def _txn_mode(scope: _Scope, known: _Known, reexchange: bool) -> str:
         return ""
     if value not in ("replace", "pass"):
         scope.fail("txnToken", "must be replace or pass")
-        return ""
+        return "replace"
     return str(value)
 
 

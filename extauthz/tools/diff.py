@@ -126,6 +126,12 @@ def _rule(old: Rule, new: Rule) -> Iterator[Change]:
     if old.reexchange != new.reexchange:
         effect = WIDENS if new.reexchange else NARROWS
         yield Change(effect, "reexchange-changed", r, f"{old.reexchange} -> {new.reexchange}")
+    if old.txn != new.txn:
+        # A pass hop sends on the token as received, with its lifetime and the scopes within
+        # the grant; a replacement is re-bound and re-capped by this rule.
+        effect = WIDENS if new.txn == "pass" else NARROWS if old.txn == "pass" else NEUTRAL
+        before, after = old.txn or "bearer", new.txn or "bearer"
+        yield Change(effect, "txn-token-mode-changed", r, f"{before} -> {after}")
     if old.purpose != new.purpose:
         yield Change(NEUTRAL, "purpose-changed", r, f"{old.purpose!r} -> {new.purpose!r}")
 
@@ -139,6 +145,11 @@ def _exchange(old: Policy, new: Policy) -> Iterator[Change]:
         yield Change(NEUTRAL, "exchange-issuer-changed", None, f"{a.issuer} -> {b.issuer}")
     if a.token_type != b.token_type:
         yield Change(NEUTRAL, "token-type-changed", None, f"{a.token_type} -> {b.token_type}")
+    if a.trust_domain != b.trust_domain and b.trust_domain is not None:
+        # Txn-Tokens are valid in their trust domain: another domain is another set of
+        # workloads that accept them.
+        detail = f"{a.trust_domain or '(none)'} -> {b.trust_domain}"
+        yield Change(WIDENS, "trust-domain-changed", None, detail)
     yield from _sets(
         "strip-headers", None, frozenset(a.strip_headers), frozenset(b.strip_headers), NARROWS
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extauthz.decision import paths
-from extauthz.decision.authenticate import extract_bearer
+from extauthz.decision.authenticate import presented
 from extauthz.decision.authorize import request_of
 from extauthz.decision.jose import IssuerKeys, TokenFormatError, parse_compact
 from extauthz.decision.model import SELF_ISSUER_ID, Rule, Snapshot, WorkloadPattern, normalise_host
@@ -79,9 +79,9 @@ def explain(inp: CheckInput, snap: Snapshot, now: float) -> Explanation:
 
 def _token_facts(headers: Mapping[str, str], snap: Snapshot) -> dict[str, Any]:
     """What the token says about itself, read without trusting it (the decision verifies)."""
-    token = extract_bearer(headers, snap.policy.exchange.max_token_bytes)
+    token, where = presented(headers, snap.policy.exchange)
     if not isinstance(token, str):
-        return {"present": "authorization" in headers}
+        return {"present": where in headers, "header": where}
     try:
         jws = parse_compact(token)
     except TokenFormatError as exc:
@@ -89,6 +89,7 @@ def _token_facts(headers: Mapping[str, str], snap: Snapshot) -> dict[str, Any]:
     header, claims = jws.header, jws.claims
     facts: dict[str, Any] = {
         "present": True,
+        "header": where,
         "alg": header.get("alg"),
         "kid": header.get("kid"),
         "typ": header.get("typ"),
@@ -99,6 +100,8 @@ def _token_facts(headers: Mapping[str, str], snap: Snapshot) -> dict[str, Any]:
         "exp": claims.get("exp"),
     }
     iss = claims.get("iss")
+    if where != "authorization" and iss is None:
+        iss = snap.policy.exchange.issuer  # a Txn-Token without iss is verified as ours
     if iss == snap.policy.exchange.issuer:
         facts["issuer_id"] = SELF_ISSUER_ID
         keys: IssuerKeys | None = snap.own_keys
@@ -152,14 +155,16 @@ def render(exp: Explanation) -> str:
         "",
         "1 authenticate",
     ]
+    header = t.get("header", "authorization")
     if not t.get("present"):
         lines.append("   no bearer token")
     elif "malformed" in t:
         lines.append(f"   token is malformed: {t['malformed']}")
     elif "alg" not in t:
-        lines.append("   authorization is not exactly one 'Bearer <token>'")
+        shape = "'Bearer <token>'" if header == "authorization" else "compact JWS"
+        lines.append(f"   {header} is not exactly one {shape}")
     else:
-        lines.append(f"   token: alg {t['alg']}, kid {t['kid']}, typ {t['typ']}")
+        lines.append(f"   token in {header}: alg {t['alg']}, kid {t['kid']}, typ {t['typ']}")
         lines.append(f"   iss {t['iss']} -> trusted issuer {t.get('issuer_id') or '(none)'}")
         tried = t.get("keys_tried")
         if tried is not None:
@@ -177,6 +182,8 @@ def render(exp: Explanation) -> str:
     if d.claims:
         for key, value in d.claims.items():
             lines.append(f"   {key}: {value}")
+    elif d.passthrough:
+        lines.append("   nothing minted: the Txn-Token goes on as received (txnToken: pass)")
     else:
         lines.append("   nothing minted")
     verdict = d.verdict

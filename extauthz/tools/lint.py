@@ -58,6 +58,7 @@ __all__ = [
     "rules_overlap",
     "scope_catch_all",
     "shadow_mode",
+    "transaction_tokens",
     "ttl_long",
     "workloads_broad",
     "xfcc_hops",
@@ -575,6 +576,35 @@ def reexchange(policy: Policy, raw: Any) -> Iterator[Finding]:
             )
 
 
+def transaction_tokens(policy: Policy, raw: Any) -> Iterator[Finding]:
+    """Where Txn-Tokens are valid, and the inner hops that send them on unchanged."""
+    exchange = policy.exchange
+    if exchange.transaction_tokens:
+        yield Finding(
+            INFO,
+            "txn-trust-domain",
+            policy.source,
+            _raw_line(raw, "exchange", "trustDomain"),
+            None,
+            "exchange.trustDomain",
+            f"Txn-Tokens minted here are valid in all of {exchange.trust_domain}: every "
+            "sidecar there with these keys takes them on a txnToken rule",
+            "name the domain whose sidecars share this exchange's keys, and no wider",
+        )
+    for rule in policy.rules:
+        if rule.txn == "pass":
+            yield _finding(
+                INFO,
+                "txn-pass",
+                policy,
+                rule,
+                "txnToken",
+                "sends the Txn-Token on as received: it stays bound to the caller, so the "
+                "service cannot call onward with it through a checking sidecar",
+                "use txnToken: replace where the service calls further services",
+            )
+
+
 def rules_empty(policy: Policy, raw: Any) -> Iterator[Finding]:
     """A policy without rules: it loads, and then denies every request."""
     if not policy.rules:
@@ -607,4 +637,5 @@ CHECKS: tuple[Check, ...] = (
     rules_overlap,
     shadow_mode,
     reexchange,
+    transaction_tokens,
 )

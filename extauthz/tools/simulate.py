@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from extauthz.decision.jose import IssuerKeys, SigningKey, generate_issuer_key, generate_signing_key
-from extauthz.decision.model import Policy, TrustedIssuer
+from extauthz.decision.model import SELF_ISSUER_ID, TXN_HEADER, TXN_TYP, Policy, TrustedIssuer
 from extauthz.decision.pipeline import CheckInput, Decision, decide
 from extauthz.policy.loader import assemble
 
@@ -31,7 +31,9 @@ class SimRequest:
     method: str = "GET"
     host: str = ""
     path: str = "/"
-    issuer: str | None = None  # trusted issuer id; None sends no token
+    # Trusted issuer id; None sends no token. In transaction_token mode "exchange" (ours) or
+    # a transaction token service's id sends a Txn-Token in txn-token, as an inner hop gets.
+    issuer: str | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)  # over the defaults below
     expires_in: int = 600
     token_type: str = "at+jwt"
@@ -48,18 +50,46 @@ class Simulator:
             issuer.id: generate_issuer_key(_algorithm_for(issuer))
             for issuer in policy.issuers.values()
         }
+        self.own_key = generate_signing_key()
         self.snapshot = assemble(
             policy,
             {
                 ident: IssuerKeys({key.kid: key.public()}, ())
                 for ident, key in self.issuer_keys.items()
             },
-            [generate_signing_key()],
+            [self.own_key],
         )
+
+    def transaction_token(self, req: SimRequest, now: float) -> str | None:
+        """The Txn-Token an inner hop receives, when ``req.issuer`` is a Txn-Token source:
+        minted for the simulated caller (its may_act), so that it may present it."""
+        exchange = self.policy.exchange
+        ours = req.issuer == SELF_ISSUER_ID
+        issuer = self.policy.issuers.get(req.issuer or "")
+        if not exchange.transaction_tokens or not (
+            ours or (issuer is not None and issuer.transaction_token_service)
+        ):
+            return None
+        claims: dict[str, Any] = {
+            "iss": exchange.issuer if ours or issuer is None else issuer.issuer,
+            "sub": "user-1",
+            "aud": exchange.trust_domain,
+            "iat": int(now),
+            "exp": int(now) + req.expires_in,
+            "jti": secrets.token_urlsafe(8),
+            "txn": secrets.token_urlsafe(8),
+            "req_wl": req.workload,
+            "may_act": {"sub": req.workload},
+        }
+        claims.update(req.claims)
+        key = self.own_key if ours or issuer is None else self.issuer_keys[issuer.id]
+        return key.sign(claims, TXN_TYP)
 
     def subject_token(self, req: SimRequest, now: float) -> str | None:
         if req.issuer is None:
             return None
+        if req.issuer == SELF_ISSUER_ID:
+            raise ValueError(f"{SELF_ISSUER_ID!r} names our own Txn-Tokens: transaction_token only")
         issuer = self.policy.issuers.get(req.issuer)
         if issuer is None:
             raise ValueError(f"{req.issuer!r} is not a trusted issuer id of the policy")
@@ -76,8 +106,11 @@ class Simulator:
 
     def check_input(self, req: SimRequest, now: float) -> CheckInput:
         headers = {k.lower(): v for k, v in req.headers.items()}
-        token = self.subject_token(req, now)
-        if token is not None:
+        txn_token = self.transaction_token(req, now)
+        token = None if txn_token is not None else self.subject_token(req, now)
+        if txn_token is not None:
+            headers[TXN_HEADER] = txn_token
+        elif token is not None:
             headers["authorization"] = f"Bearer {token}"
         return CheckInput(
             method=req.method,
