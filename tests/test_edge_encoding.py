@@ -1,18 +1,22 @@
 """The gRPC front's answers are encoded from parts built once per rule: they must be exactly
-the CheckResponse a protobuf-built message would be, field for field."""
+the CheckResponse a protobuf-built message would be, field for field. A Txn-Token passed on as
+received is answered alike by both fronts."""
 
 from __future__ import annotations
 
 import corekit as k
+import edgekit
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 from google.rpc import code_pb2, status_pb2
 
+from extauthz.decision.authenticate import Subject
 from extauthz.decision.model import Rule
 from extauthz.decision.pipeline import Decision
 from extauthz.decision.reasons import Reason
+from extauthz.serve import http_edge
 from extauthz.serve.edge import check_response, encode_deny, encode_response
 from extauthz.serve.grpc_front import GrpcEdge
 
@@ -120,3 +124,36 @@ def test_a_clients_long_request_id_is_cut_in_the_decision_log() -> None:
     line = record(Decision(Reason.NO_RULE), 0.001, "r" * 10_000, 1.0)
     assert line["request_id"] == "r" * MAX_REQUEST_ID
     assert record(Decision(Reason.NO_RULE), 0.001, "", 1.0)["request_id"] is None
+
+
+def _passed(rule: Rule) -> Decision:
+    """An inner hop's ``txnToken: pass``: the received Txn-Token goes on, nothing is minted."""
+    subject = Subject(
+        "exchange", k.EXCHANGE_ISS, "alice", 1, frozenset(), (), None, None, txn="t-9"
+    )
+    strip = ("authorization", "proxy-authorization")
+    return Decision(
+        Reason.ALLOWED, rule=rule, subject=subject, strip_headers=strip, passthrough=True
+    )
+
+
+def test_a_passed_txn_token_sets_no_header_and_removes_the_other_credentials(rule: Rule) -> None:
+    decision = _passed(rule)
+    response = check_response(decision)
+    assert response.status.code == code_pb2.OK
+    assert list(response.ok_response.headers) == []
+    assert list(response.ok_response.headers_to_remove) == [
+        "authorization",
+        "proxy-authorization",
+    ]
+    fields = {key: v.string_value for key, v in response.dynamic_metadata.fields.items()}
+    assert fields == {"reason": "allowed", "rule": rule.id, "txn": "t-9"}
+
+
+def test_the_http_front_passes_a_txn_token_the_same_way(rule: Rule) -> None:
+    answer = edgekit.parse_one(http_edge.check_response(_passed(rule)))
+    assert answer.status == 200
+    assert answer.header("x-envoy-auth-headers-to-remove") == "authorization,proxy-authorization"
+    assert answer.header("txn-token") is None and answer.header("authorization") is None
+    assert answer.header(http_edge.TXN_HEADER) == "t-9"
+    assert answer.header(http_edge.REASON_HEADER) == "allowed"
