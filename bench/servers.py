@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.fixtures import Setup
 from bench.loadgen import children_of
-from extauthz.demo.envoy import Envoy, load_base_config, render_config
+from extauthz.demo.envoy import Envoy, load_base_config, outbound_config, render_config
 from extauthz.demo.pki import CertPair, Pki
 from extauthz.demo.stack import LOOPBACK, SidecarProcess, free_port
 
@@ -131,65 +131,9 @@ class ClientEnvoy(Envoy):
         self.pid = child_pid(str(self.config_file))
 
 
-_TYPES = "type.googleapis.com/envoy.extensions"
-_HCM = f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager"
-
-
 def client_config(pki: Pki, pair: CertPair, upstreams: dict[str, int],
                   listen_ports: dict[str, int], admin_port: int) -> dict[str, Any]:  # fmt: skip
-    """The client-side Envoy's bootstrap (see ``ClientEnvoy``)."""
-    tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": f"{_TYPES}.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": "localhost",
-            "common_tls_context": {
-                "tls_certificates": [{"certificate_chain": {"filename": str(pair.cert)},
-                                      "private_key": {"filename": str(pair.key)}}],
-                "validation_context": {
-                    "trusted_ca": {"filename": str(pki.ca)},
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "DNS", "matcher": {"exact": "localhost"}}
-                    ],
-                },
-            },
-        },
-    }  # fmt: skip
-    router = {
-        "name": "envoy.filters.http.router",
-        "typed_config": {
-            "@type": f"{_TYPES}.filters.http.router.v3.Router",
-            "suppress_envoy_headers": True,
-        },
-    }
-    limits = {"max_connections": 100_000, "max_pending_requests": 100_000,
-              "max_requests": 100_000, "max_retries": 0}  # fmt: skip
-    listeners, clusters = [], []
-    for name, port in upstreams.items():
-        hcm = {
-            "@type": _HCM,
-            "stat_prefix": name,
-            "generate_request_id": False,
-            "route_config": {"name": name, "virtual_hosts": [{
-                "name": "all", "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}]}]},
-            "http_filters": [router],
-        }  # fmt: skip
-        listeners.append({
-            "name": f"to-{name}",
-            "address": {"socket_address": {"address": LOOPBACK, "port_value": listen_ports[name]}},
-            "filter_chains": [{"filters": [
-                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-        })  # fmt: skip
-        endpoint = {
-            "endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}
-        }
-        clusters.append({
-            "name": name, "type": "STATIC", "connect_timeout": "1s", "transport_socket": tls,
-            "circuit_breakers": {"thresholds": [limits]},
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
-        })  # fmt: skip
-    return {
-        "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin_port}}},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    }
+    """The client-side Envoy's bootstrap (see ``ClientEnvoy``): the demo's outbound Envoy,
+    presenting ``pair``'s certificate and trusting ``pki``'s CA."""
+    return outbound_config(ca=pki.ca, client=pair, upstreams=upstreams,
+                           listen_ports=listen_ports, admin_port=admin_port)  # fmt: skip
