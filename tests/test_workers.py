@@ -473,7 +473,9 @@ class Client(threading.Thread):
 
 # After the drain, a direct client may only fail to get an answer, never get a wrong one.
 NO_ANSWER = {
-    "grpc": {"UNAVAILABLE"},
+    # CANCELLED: a check still in flight when the grace period ends is cancelled by the
+    # server's stop; Envoy counts that as a failed check (a deny, failure_mode_allow: false).
+    "grpc": {"UNAVAILABLE", "CANCELLED"},
     "http": {
         "ConnectionRefusedError",
         "ConnectionResetError",
