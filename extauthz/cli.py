@@ -38,7 +38,14 @@ from extauthz.tools.diff import WIDENS, diff_policies
 from extauthz.tools.diff import render as render_diff
 from extauthz.tools.explain import explain
 from extauthz.tools.explain import render as render_explanation
-from extauthz.tools.lint import ERROR, WARNING, UnreadablePolicy, lint_file
+from extauthz.tools.lint import (
+    DEFAULT_MAX_WINDOW_DAYS,
+    ERROR,
+    WARNING,
+    LintOptions,
+    UnreadablePolicy,
+    lint_file,
+)
 from extauthz.tools.policytest import load_cases, run_cases
 from extauthz.tools.policytest import render as render_cases
 from extauthz.tools.simulate import SimRequest, Simulator
@@ -178,10 +185,11 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 
 def _policy_lint(args: argparse.Namespace) -> int:
+    options = LintOptions(max_window_days=int(args.max_window_days))
     findings = []
     for name in args.files:
         try:
-            findings.extend(lint_file(Path(name)))
+            findings.extend(lint_file(Path(name), options))
         except UnreadablePolicy as exc:
             print(f"extauthz: cannot read {exc}", file=sys.stderr)
             return 2
@@ -448,6 +456,12 @@ def parser() -> argparse.ArgumentParser:
     lint = policy_sub.add_parser("lint", help="report what widens the blast radius of tokens")
     lint.add_argument("files", nargs="+", metavar="FILE")
     lint.add_argument("--strict", action="store_true", help="warnings fail too")
+    lint.add_argument(
+        "--max-window-days",
+        type=_number(int, 1, 3650),
+        default=DEFAULT_MAX_WINDOW_DAYS,
+        help="flag a rule's active window longer than this (default 30)",
+    )
     lint.add_argument("--format", choices=["text", "json"], default="text")
     lint.set_defaults(func=_policy_lint)
     ptest = policy_sub.add_parser("test", help="run reviewed cases against a policy")

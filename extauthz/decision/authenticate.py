@@ -72,6 +72,8 @@ class Subject:
     tctx: Mapping[str, Any] | None = None
     rctx: Mapping[str, Any] | None = None
     jti: str | None = None
+    # Every verified claim, for the rules' claim conditions (never copied into a token).
+    claims: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def transaction(self) -> bool:
@@ -380,7 +382,18 @@ def _subject_claims(
     if may_act is not None and not isinstance(may_act, dict):
         return Deny(Reason.CLAIM_INVALID, "may_act malformed")
 
-    return Subject(issuer_id, iss, sub, int(exp), scopes, token_audiences, act, may_act, not_before)
+    return Subject(
+        issuer_id,
+        iss,
+        sub,
+        int(exp),
+        scopes,
+        token_audiences,
+        act,
+        may_act,
+        not_before,
+        claims=claims,
+    )
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str] | None:

@@ -49,11 +49,15 @@ def request_of(
     return Request(method, name, segments)
 
 
-def authorize(subject: Subject, caller: str, request: Request, policy: Policy) -> Rule | Deny:
+def authorize(
+    subject: Subject, caller: str, request: Request, policy: Policy, now: float
+) -> Rule | Deny:
     """The rule that allows this exchange, or why there is none."""
-    rule = policy.find_rule(
-        request.host, request.method, request.segments, caller, subject.issuer_id
+    rule, inactive = policy.find_active(
+        request.host, request.method, request.segments, caller, subject.issuer_id, now
     )
+    if rule is None and inactive is not None:
+        return Deny(Reason.RULE_INACTIVE, "the rule is outside its active window", inactive)
     if rule is None:
         if subject.transaction:
             return Deny(Reason.NO_RULE, "no txnToken rule for this Txn-Token")
@@ -74,4 +78,8 @@ def authorize(subject: Subject, caller: str, request: Request, policy: Policy) -
     if missing:
         detail = "missing required scopes: " + " ".join(sorted(missing))
         return Deny(Reason.INSUFFICIENT_SCOPE, detail, rule)
+    unmet = rule.unmet_claim(subject.claims, request.segments) if rule.claims else None
+    if unmet is not None:
+        # The claim is named, its value never: the detail reaches the decision log.
+        return Deny(Reason.CLAIM_MISMATCH, f"claim {unmet} does not meet the rule", rule)
     return rule

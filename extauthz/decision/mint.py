@@ -45,6 +45,8 @@ def narrow(
         return Deny(Reason.INSUFFICIENT_SCOPE, "subject holds none of the grantable scopes")
     ttl = min(rule.grant.ttl, policy.exchange.max_ttl)
     exp = min(subject.exp, now + ttl)
+    if rule.active_until is not None:
+        exp = min(exp, rule.active_until)  # a temporary grant ends for its tokens too
     if exp <= now:
         return Deny(Reason.TOKEN_EXPIRED, "subject token expires now")
     act: dict[str, Any] = {"sub": caller}

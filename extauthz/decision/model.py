@@ -12,12 +12,14 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from extauthz.decision import paths
 from extauthz.decision.jose import IssuerKeys, SigningKey
 
 __all__ = [
     "SELF_ISSUER_ID",
+    "ClaimCondition",
     "TXN_HEADER",
     "TXN_TYP",
     "Exchange",
@@ -108,6 +110,54 @@ class Grant:
     ttl: int
 
 
+Scalar = str | int | float | bool
+# Inside ``Rule`` the name ``paths`` is its field: the module's types under other names.
+_Segments = paths.Segments
+_Template = paths.Template
+_template_matches = paths.template_matches
+
+
+def same(a: object, b: object) -> bool:
+    """Equal in type and value, never coerced: ``True`` is not ``1``, ``1`` is not ``1.0``
+    nor ``"1"``."""
+    return type(a) is type(b) and a == b
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimCondition:
+    """One ``require.claims`` entry: a claim of the subject token that must be a value
+    (``equals``), one of several (``any``), a path parameter of the request (``param``), or an
+    array holding a value (``contains``)."""
+
+    claim: str
+    kind: str  # "equals" | "any" | "param" | "contains"
+    values: tuple[Scalar, ...] = ()
+    param: str = ""
+
+    def holds(self, claims: Mapping[str, Any], params: Mapping[str, str]) -> bool:
+        """Whether the subject's ``claims`` meet this condition, for a request whose path
+        parameters are ``params``. A missing claim never does."""
+        if self.claim not in claims:
+            return False
+        value = claims[self.claim]
+        if self.kind == "param":
+            return self.param in params and same(value, params[self.param])
+        if self.kind == "contains":
+            return isinstance(value, list) and any(same(item, self.values[0]) for item in value)
+        return any(same(value, wanted) for wanted in self.values)
+
+    @property
+    def text(self) -> str:
+        """The condition as the policy spells it, for tools (never a subject's value)."""
+        if self.kind == "param":
+            return f"{self.claim} = path parameter {{{self.param}}}"
+        if self.kind == "contains":
+            return f"{self.claim} contains {self.values[0]!r}"
+        if self.kind == "any":
+            return f"{self.claim} is one of {list(self.values)!r}"
+        return f"{self.claim} = {self.values[0]!r}"
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One exchange path: who may call what, with which subject token, to get which grant."""
@@ -126,6 +176,13 @@ class Rule:
     # Inner hops of transaction_token mode: "replace" mints a narrower Txn-Token from the one
     # received, "pass" sends the received one on unchanged. "": the rule takes a bearer token.
     txn: str = ""
+    # Conditions on the subject token's claims beyond its scopes, and the window (Unix times,
+    # from inclusive, until exclusive) in which the rule matches at all.
+    claims: tuple[ClaimCondition, ...] = ()
+    active_from: int | None = None
+    active_until: int | None = None
+    # The compiled path templates, for the path parameters a claim condition names.
+    templates: tuple[_Template, ...] = field(default=(), compare=False, repr=False)
     line: int | None = field(default=None, compare=False)
     # "grant.ttl" -> line, for tools that point at a field (lint, explain)
     field_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -133,6 +190,27 @@ class Rule:
     def line_of(self, fieldpath: str) -> int | None:
         """The document line of a field ("grant.ttl"), else of the entry."""
         return self.field_lines.get(fieldpath, self.line)
+
+    def active_at(self, now: float) -> bool:
+        """Whether ``now`` is inside the rule's window (always, without one)."""
+        if self.active_from is not None and now < self.active_from:
+            return False
+        return self.active_until is None or now < self.active_until
+
+    def path_params(self, segments: _Segments) -> dict[str, str]:
+        """The request's path parameters, from the first of the rule's templates it matches."""
+        for template in self.templates:
+            if _template_matches(template, segments):
+                return {name: segments[index] for name, index in template.params}
+        return {}
+
+    def unmet_claim(self, claims: Mapping[str, Any], segments: _Segments) -> str | None:
+        """The name of the first claim condition the subject does not meet, else None."""
+        params = self.path_params(segments) if self.templates else {}
+        for condition in self.claims:
+            if not condition.holds(claims, params):
+                return condition.claim
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +264,15 @@ class Leaf:
             if iss == issuer_id and pattern.matches(caller):
                 return candidate
         return None
+
+    def candidates(self, caller: str, issuer_id: str) -> Iterator[Rule]:
+        """Every rule of this leaf for this caller and issuer, in ``pick``'s order."""
+        rule = self.exact.get((caller, issuer_id))
+        if rule is not None:
+            yield rule
+        for pattern, iss, candidate in self.patterns:
+            if iss == issuer_id and pattern.matches(caller):
+                yield candidate
 
 
 @dataclass(slots=True)
@@ -246,6 +333,7 @@ class Policy:
     rules: tuple[Rule, ...]
     table: RuleTable
     shadow: bool = False  # the whole policy in shadow mode: decide and log, enforce nothing
+    windows: bool = False  # whether any rule has an active window
 
     def find_rule(
         self, host: str, method: str, segments: paths.Segments, caller: str, issuer_id: str
@@ -256,6 +344,28 @@ class Policy:
             if rule is not None:
                 return rule
         return None
+
+    def find_active(
+        self,
+        host: str,
+        method: str,
+        segments: paths.Segments,
+        caller: str,
+        issuer_id: str,
+        now: float,
+    ) -> tuple[Rule | None, Rule | None]:
+        """The one rule active at ``now`` for this request and caller, and, when there is
+        none, the rule outside its window that would have been it. A rule outside its window
+        does not match: the next one in ``find_rule``'s order may."""
+        if not self.windows:
+            return self.find_rule(host, method, segments, caller, issuer_id), None
+        inactive: Rule | None = None
+        for leaf in self.table.leaves(host, method, segments):
+            for rule in leaf.candidates(caller, issuer_id):
+                if rule.active_at(now):
+                    return rule, None
+                inactive = inactive or rule
+        return None, inactive
 
 
 @dataclass(frozen=True, slots=True)

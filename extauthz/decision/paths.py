@@ -132,6 +132,7 @@ class Template:
 
     text: str
     segments: Segments  # literals as they are, PARAM and REST markers for the rest
+    params: tuple[tuple[str, int], ...] = ()  # (name, segment index) of each ``{name}``
 
 
 def parse_template(text: str) -> Template:
@@ -142,12 +143,17 @@ def parse_template(text: str) -> Template:
         return Template(text, ("",))
     raw_parts = text[1:].split("/")
     out: list[str] = []
+    params: list[tuple[str, int]] = []
     for index, part in enumerate(raw_parts):
         if part == REST:
             if index != len(raw_parts) - 1:
                 raise ValueError("'**' may only be the last segment")
             out.append(REST)
         elif _PARAM.fullmatch(part):
+            name = part[1:-1]
+            if any(name == seen for seen, _ in params):
+                raise ValueError(f"parameter {part} appears twice")
+            params.append((name, index))
             out.append(PARAM)
         elif "{" in part or "}" in part or "*" in part:
             raise ValueError(f"segment {part!r}: a parameter is a whole segment like {{id}}")
@@ -158,7 +164,7 @@ def parse_template(text: str) -> Template:
             if normal is None or normal != (part,):
                 raise ValueError(f"segment {part!r} is not in normal form")
             out.append(part)
-    return Template(text, tuple(out))
+    return Template(text, tuple(out), tuple(params))
 
 
 def template_matches(template: Template, segments: Segments) -> bool:

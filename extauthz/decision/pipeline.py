@@ -100,7 +100,7 @@ def decide(
     if isinstance(request, Deny):
         return _denied(request, policy, caller.spiffe_id, subject, cache_hit=cache_hit)
 
-    rule = authorize(subject, caller.spiffe_id, request, policy)
+    rule = authorize(subject, caller.spiffe_id, request, policy, now)
     if isinstance(rule, Deny):
         return _denied(rule, policy, caller.spiffe_id, subject, request, cache_hit)
     # Shadow mode: the verdict and the would-be claims are logged; nothing is signed or

@@ -62,6 +62,8 @@ class Reason(enum.Enum):
     REEXCHANGE_DENIED = ("reexchange_denied", 403, Challenge.INVALID_TOKEN)
     ACTOR_NOT_PERMITTED = ("actor_not_permitted", 403, Challenge.NONE)
     INSUFFICIENT_SCOPE = ("insufficient_scope", 403, Challenge.INSUFFICIENT_SCOPE)
+    CLAIM_MISMATCH = ("claim_mismatch", 403, Challenge.NONE)  # a require.claims condition
+    RULE_INACTIVE = ("rule_inactive", 403, Challenge.NONE)  # the rule's window is not now
 
     # faults of our own: still a deny, never an aborted RPC
     NOT_READY = ("not_ready", 503, Challenge.NONE)

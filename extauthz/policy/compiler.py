@@ -13,6 +13,7 @@ that says what it means (``invalid-policy`` unless it is one of the risks lint n
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 from collections.abc import Collection
@@ -29,6 +30,7 @@ from extauthz.decision.jose import SUPPORTED_ALGORITHMS
 from extauthz.decision.model import (
     SELF_ISSUER_ID,
     TXN_TYP,
+    ClaimCondition,
     Exchange,
     Grant,
     JwksSource,
@@ -60,6 +62,7 @@ __all__ = [
     "load_policy",
     "parse_document",
     "parse_duration",
+    "parse_instant",
     "read_policy_text",
 ]
 
@@ -383,6 +386,7 @@ def _document(top: _Scope, text: str, base_dir: Path) -> Policy | None:
         rules=tuple(rules),
         table=table,
         shadow=mode == "shadow",
+        windows=any(r.active_from is not None or r.active_until is not None for r in rules),
     )
 
 
@@ -667,7 +671,9 @@ class _Match:
 
 
 def _rule(scope: _Scope, known: _Known) -> Rule | None:
-    scope.fields(("id", "purpose", "match", "require", "grant", "mode", "reexchange", "txnToken"))
+    scope.fields(
+        ("id", "purpose", "match", "require", "grant", "mode", "reexchange", "txnToken", "active")
+    )
     ident = scope.string("id")
     if ident is not None and not _ID.fullmatch(ident):
         scope.fail("id", "must be lower-case letters, digits, '.', '_' or '-'")
@@ -682,7 +688,9 @@ def _rule(scope: _Scope, known: _Known) -> Rule | None:
     match_scope = scope.mapping("match", required=True)
     match = _match(match_scope, known, txn)
     require_scope = scope.mapping("require", required=False)
-    required = _require(require_scope)
+    required, conditions = _require(require_scope, match.paths)
+    window_scope = scope.mapping("active", required=False)
+    window = _window(window_scope)
     grant_scope = scope.mapping("grant", required=True)
     grant = _grant(grant_scope, known)
     if ident is None or purpose is None or match.host is None or grant is None:
@@ -702,11 +710,20 @@ def _rule(scope: _Scope, known: _Known) -> Rule | None:
         shadow=mode == "shadow",
         reexchange=reexchange is True,
         txn=txn,
+        claims=tuple(conditions),
+        active_from=window[0],
+        active_until=window[1],
+        templates=(
+            tuple(paths.parse_template(t) for t in match.paths)
+            if any(c.kind == "param" for c in conditions)
+            else ()
+        ),
         line=scope.line,
         field_lines={
             **_lines(scope, ("id", "purpose", "match", "mode", "reexchange", "txnToken")),
             **_lines(match_scope, ("workloads", "host", "methods", "paths", "issuers")),
-            **_lines(require_scope, ("scopes",)),
+            **_lines(require_scope, ("scopes", "claims")),
+            **_lines(window_scope, ("from", "until")),
             **_lines(grant_scope, ("audience", "scopes", "ttl")),
         },
     )
@@ -767,11 +784,111 @@ def _match(scope: _Scope, known: _Known, txn: str = "") -> _Match:
     return _Match(workloads, host, methods, path_texts, issuers)
 
 
-def _require(scope: _Scope) -> list[str]:
-    scope.fields(("scopes",))
+def _require(scope: _Scope, templates: list[str]) -> tuple[list[str], list[ClaimCondition]]:
+    scope.fields(("scopes", "claims"))
     required = scope.strings("scopes", required=False) or []
     _check_scopes(scope, "scopes", required)
-    return required
+    return required, _claim_conditions(scope, templates)
+
+
+_PARAM_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _claim_conditions(scope: _Scope, templates: list[str]) -> list[ClaimCondition]:
+    """``require.claims``: claim name -> a value, a list of values (any of), ``"{param}"``
+    (the request's path parameter), or ``{contains: value}`` (an array claim holds it)."""
+    node = scope.get("claims")
+    if node is None:
+        return []
+    if not isinstance(node, dict) or not node:
+        scope.fail("claims", "must be a mapping of claim names to values")
+        return []
+    out: list[ClaimCondition] = []
+    for name, value in node.items():
+        where = f"claims.{name}"
+        if not isinstance(name, str) or not name.strip():
+            scope.fail("claims", "claim names are non-empty strings")
+            continue
+        if isinstance(value, str) and _PARAM_REF.fullmatch(value):
+            param = value[1:-1]
+            missing = [t for t in templates if not _template_has(t, param)]
+            if missing:
+                scope.fail(
+                    "claims",
+                    f"{where}: {value} is not a parameter of every path template "
+                    f"(not of {', '.join(missing)})",
+                )
+                continue
+            out.append(ClaimCondition(name, "param", param=param))
+        elif isinstance(value, dict):
+            if set(value) != {"contains"} or not _scalar(value["contains"]):
+                scope.fail("claims", f"{where}: a mapping is {{contains: <value>}}")
+                continue
+            out.append(ClaimCondition(name, "contains", (value["contains"],)))
+        elif isinstance(value, list):
+            if not value or not all(_scalar(v) for v in value):
+                scope.fail("claims", f"{where}: a list holds strings, numbers or booleans")
+                continue
+            if len({(type(v), v) for v in value}) != len(value):
+                scope.fail("claims", f"{where}: lists a value twice")
+                continue
+            out.append(ClaimCondition(name, "any", tuple(value)))
+        elif _scalar(value):
+            out.append(ClaimCondition(name, "equals", (value,)))
+        else:
+            scope.fail("claims", f"{where}: must be a string, number, boolean, list or contains")
+    return out
+
+
+def _scalar(value: object) -> bool:
+    """A claim value a condition may name: a string, a number or a boolean (no dates, nulls)."""
+    return isinstance(value, str | int | float | bool) and value == value  # not NaN
+
+
+def _template_has(text: str, param: str) -> bool:
+    try:
+        return any(name == param for name, _ in paths.parse_template(text).params)
+    except ValueError:
+        return True  # reported with the path itself
+
+
+def _window(scope: _Scope) -> tuple[int | None, int | None]:
+    """``active: {from, until}``: RFC 3339 times with a zone; either bound may be left out."""
+    if scope.node is None:
+        return None, None
+    scope.fields(("from", "until"))
+    if not scope.has("from") and not scope.has("until"):
+        scope.fail("", "give from, until or both")
+    bounds = [_instant(scope, key) for key in ("from", "until")]
+    start, end = bounds
+    if start is not None and end is not None and end <= start:
+        scope.fail("until", "must be after from")
+    return start, end
+
+
+def _instant(scope: _Scope, key: str) -> int | None:
+    value = scope.get(key)
+    if value is None:
+        return None
+    seconds = parse_instant(value)
+    if seconds is None:
+        scope.fail(key, "must be an RFC 3339 time with a zone, like 2026-12-04T18:00:00Z")
+        return None
+    return int(seconds)
+
+
+def parse_instant(value: Any) -> float | None:
+    """Unix seconds of an RFC 3339 time with a zone (``2026-12-04T18:00:00Z``, or the
+    datetime YAML reads it as), else None: a time without a zone means different instants on
+    different machines."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, dt.datetime) or value.tzinfo is None:
+        return None
+    return value.timestamp()
 
 
 def _grant(scope: _Scope, known: _Known) -> Grant | None:

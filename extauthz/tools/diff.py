@@ -7,13 +7,14 @@ fails the change when anything widens.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from extauthz.decision.jose import IssuerKeys
-from extauthz.decision.model import Policy, Rule, TrustedIssuer
+from extauthz.decision.model import ClaimCondition, Policy, Rule, TrustedIssuer
 
 __all__ = ["NARROWS", "NEUTRAL", "WIDENS", "Change", "diff_policies", "render"]
 
@@ -126,6 +127,8 @@ def _rule(old: Rule, new: Rule) -> Iterator[Change]:
     if old.reexchange != new.reexchange:
         effect = WIDENS if new.reexchange else NARROWS
         yield Change(effect, "reexchange-changed", r, f"{old.reexchange} -> {new.reexchange}")
+    yield from _conditions(r, old, new)
+    yield from _window(r, old, new)
     if old.txn != new.txn:
         # A pass hop sends on the token as received, with its lifetime and the scopes within
         # the grant; a replacement is re-bound and re-capped by this rule.
@@ -134,6 +137,61 @@ def _rule(old: Rule, new: Rule) -> Iterator[Change]:
         yield Change(effect, "txn-token-mode-changed", r, f"{before} -> {after}")
     if old.purpose != new.purpose:
         yield Change(NEUTRAL, "purpose-changed", r, f"{old.purpose!r} -> {new.purpose!r}")
+
+
+def _accepted(condition: ClaimCondition) -> frozenset[tuple[str, object]] | None:
+    """The values a condition accepts, typed (``True`` is not ``1``); None for a path
+    parameter, which accepts what the path names."""
+    if condition.kind == "param":
+        return None
+    return frozenset((type(v).__name__, v) for v in condition.values)
+
+
+def _conditions(r: str, old: Rule, new: Rule) -> Iterator[Change]:
+    before = {c.claim: c for c in old.claims}
+    after = {c.claim: c for c in new.claims}
+    for name in sorted(before.keys() - after.keys()):
+        yield Change(WIDENS, "claim-condition-removed", r, before[name].text)
+    for name in sorted(after.keys() - before.keys()):
+        yield Change(NARROWS, "claim-condition-added", r, after[name].text)
+    for name in sorted(before.keys() & after.keys()):
+        a, b = before[name], after[name]
+        x, y = _accepted(a), _accepted(b)
+        if (a.kind, a.param, x) == (b.kind, b.param, y):
+            continue
+        detail = f"{a.text} -> {b.text}"
+        if a.kind == b.kind and x is not None and y is not None and x < y:
+            yield Change(WIDENS, "claim-condition-widened", r, detail)
+        elif a.kind == b.kind and x is not None and y is not None and y < x:
+            yield Change(NARROWS, "claim-condition-narrowed", r, detail)
+        else:
+            # Other values, or another kind of condition: someone new may meet it.
+            yield Change(WIDENS, "claim-condition-changed", r, detail)
+
+
+def _window(r: str, old: Rule, new: Rule) -> Iterator[Change]:
+    """A window that opens earlier or closes later widens; the reverse narrows. A bound
+    removed is the widest move of all (open on that side)."""
+    for bound, a, b, later in (
+        ("from", old.active_from, new.active_from, NARROWS),
+        ("until", old.active_until, new.active_until, WIDENS),
+    ):
+        if a == b:
+            continue
+        detail = f"active.{bound}: {_when(a)} -> {_when(b)}"
+        if a is None:
+            yield Change(NARROWS, f"window-{bound}-added", r, detail)
+        elif b is None:
+            yield Change(WIDENS, f"window-{bound}-removed", r, detail)
+        else:
+            effect = later if b > a else (NARROWS if later == WIDENS else WIDENS)
+            yield Change(effect, f"window-{bound}-{'later' if b > a else 'earlier'}", r, detail)
+
+
+def _when(value: int | None) -> str:
+    if value is None:
+        return "(open)"
+    return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _exchange(old: Policy, new: Policy) -> Iterator[Change]:

@@ -7,6 +7,7 @@ every rule why it was or was not the one.
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def explain(inp: CheckInput, snap: Snapshot, now: float) -> Explanation:
         picked = decision.rule.id if decision.rule else None
         for rule in snap.policy.rules:
             misses = why_not(
-                rule, request.host, request.method, request.segments, caller, issuer_id
+                rule, request.host, request.method, request.segments, caller, issuer_id, now
             )
             if misses:
                 verdict = "passed over"
@@ -73,7 +74,14 @@ def explain(inp: CheckInput, snap: Snapshot, now: float) -> Explanation:
                 verdict = "picked"
             else:
                 verdict = "matches, but a more specific rule was picked"
-            candidates.append({"rule": rule.id, "verdict": verdict, "because": misses})
+            entry: dict[str, Any] = {"rule": rule.id, "verdict": verdict, "because": misses}
+            if rule.claims and decision.subject is not None:
+                params = rule.path_params(request.segments)
+                entry["conditions"] = [
+                    {"condition": c.text, "holds": c.holds(decision.subject.claims, params)}
+                    for c in rule.claims
+                ]
+            candidates.append(entry)
     return Explanation(decision, token, caller, req, candidates)
 
 
@@ -122,9 +130,12 @@ def why_not(
     segments: paths.Segments,
     caller: str,
     issuer_id: str | None,
+    now: float | None = None,
 ) -> list[str]:
     """Every reason ``rule`` does not match; empty when it matches."""
     misses = []
+    if now is not None and not rule.active_at(now):
+        misses.append(f"outside its active window ({_window_text(rule)})")
     if rule.host != host:
         misses.append(f"host {host!r} is not {rule.host!r}")
     if method not in rule.methods:
@@ -137,6 +148,15 @@ def why_not(
     if issuer_id not in allowed:
         misses.append(f"token issuer {issuer_id or '(none)'} is not among {sorted(allowed)}")
     return misses
+
+
+def _window_text(rule: Rule) -> str:
+    def when(value: int | None) -> str:
+        if value is None:
+            return "open"
+        return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    return f"from {when(rule.active_from)} until {when(rule.active_until)}"
 
 
 def _workload_matches(selector: str, caller: str) -> bool:
@@ -176,6 +196,9 @@ def render(exp: Explanation) -> str:
         lines.append(f"   {c['rule']}: {c['verdict']}")
         for miss in c["because"]:
             lines.append(f"      - {miss}")
+        for condition in c.get("conditions", []):
+            mark = "holds" if condition["holds"] else "does not hold"
+            lines.append(f"      claim {condition['condition']}: {mark}")
     if not exp.candidates:
         lines.append("   (no rule was considered)")
     lines += ["", "4 mint"]

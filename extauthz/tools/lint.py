@@ -13,6 +13,7 @@ pairwise.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ __all__ = [
     "WARNING",
     "Check",
     "Finding",
+    "LintOptions",
     "UnreadablePolicy",
     "audience_not_single_system",
     "audience_shared",
@@ -54,6 +56,7 @@ __all__ = [
     "purpose_vague",
     "reexchange",
     "rule_many_issuers",
+    "rule_windows",
     "rules_empty",
     "rules_overlap",
     "scope_catch_all",
@@ -67,6 +70,7 @@ __all__ = [
 # Severities: errors fail lint, warnings fail it with --strict, infos never do.
 ERROR, WARNING, INFO = "error", "warning", "info"
 SHORT_TTL = 60  # seconds; longer grants are flagged even when under maxTtl
+DEFAULT_MAX_WINDOW_DAYS = 30  # a temporary grant longer than this is flagged
 MAX_WORKLOADS_PER_RULE = 10  # more callers than this in one rule are flagged
 MAX_AUDIENCES_PER_ISSUER = 3  # more accepted audiences than this are flagged
 # Scope names that grant whatever the downstream decides they mean.
@@ -124,7 +128,16 @@ _COMPILE_HINTS = {
 }
 
 
-def lint_file(path: Path) -> list[Finding]:
+@dataclass(frozen=True, slots=True)
+class LintOptions:
+    """What some checks compare against: the time (None: now) and how long a rule's active
+    window may be before it is flagged."""
+
+    now: float | None = None
+    max_window_days: int = DEFAULT_MAX_WINDOW_DAYS
+
+
+def lint_file(path: Path, options: LintOptions | None = None) -> list[Finding]:
     """Lint one policy file as ``serve`` loads it: the same reader (size limit, UTF-8), the
     same compiler, and the JWKS files it names read and parsed. Raises ``UnreadablePolicy``
     when the file cannot be opened."""
@@ -135,7 +148,7 @@ def lint_file(path: Path) -> list[Finding]:
             reason = exc.problems[0].message.removeprefix("cannot read: ")
             raise UnreadablePolicy(f"{path}: {reason}") from exc
         return _compile_findings(exc)
-    findings, policy = _lint(text, str(path), path.parent)
+    findings, policy = _lint(text, str(path), path.parent, options or LintOptions())
     if policy is None:
         return findings
     try:
@@ -158,14 +171,20 @@ def lint_file(path: Path) -> list[Finding]:
 
 
 def lint_text(
-    text: str, *, source: str = "<policy>", base_dir: Path | None = None
+    text: str,
+    *,
+    source: str = "<policy>",
+    base_dir: Path | None = None,
+    options: LintOptions | None = None,
 ) -> list[Finding]:
     """Lint a policy document: its compile problems as errors if it does not compile, else what
     every check finds. Sorted errors first, then by line."""
-    return _lint(text, source, base_dir)[0]
+    return _lint(text, source, base_dir, options or LintOptions())[0]
 
 
-def _lint(text: str, source: str, base_dir: Path | None) -> tuple[list[Finding], Policy | None]:
+def _lint(
+    text: str, source: str, base_dir: Path | None, options: LintOptions
+) -> tuple[list[Finding], Policy | None]:
     """The findings, and the compiled policy when it compiles (one parse, one compile)."""
     try:
         raw = parse_document(text, source=source)
@@ -175,6 +194,7 @@ def _lint(text: str, source: str, base_dir: Path | None) -> tuple[list[Finding],
     findings: list[Finding] = []
     for check in CHECKS:
         findings.extend(check(policy, raw))
+    findings.extend(rule_windows(policy, options))
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     findings.sort(key=lambda f: (order[f.severity], f.line or 0, f.check))
     return findings, policy
@@ -602,6 +622,41 @@ def transaction_tokens(policy: Policy, raw: Any) -> Iterator[Finding]:
                 "sends the Txn-Token on as received: it stays bound to the caller, so the "
                 "service cannot call onward with it through a checking sidecar",
                 "use txnToken: replace where the service calls further services",
+            )
+
+
+def rule_windows(policy: Policy, options: LintOptions) -> Iterator[Finding]:
+    """Temporary grants that are not temporary (a window longer than the limit) or that are
+    over (a rule whose window has passed matches nothing and should go)."""
+    now = time.time() if options.now is None else options.now
+    limit = options.max_window_days * 86400
+    for rule in policy.rules:
+        until = rule.active_until
+        if until is None:
+            continue
+        if until <= now:
+            yield _finding(
+                WARNING,
+                "rule-window-passed",
+                policy,
+                rule,
+                "active.until",
+                "its window has passed: the rule matches nothing any more",
+                "delete the rule, or move active.until if the grant was extended on purpose",
+            )
+            continue
+        start = max(now, rule.active_from) if rule.active_from is not None else now
+        days = (until - start) / 86400
+        if until - start > limit:
+            yield _finding(
+                WARNING,
+                "rule-window-long",
+                policy,
+                rule,
+                "active.until",
+                f"a window of {days:.0f} days (more than {options.max_window_days}) is not a "
+                "temporary grant",
+                "end the window sooner, or make the rule permanent and review it as such",
             )
 
 

@@ -19,12 +19,12 @@ from extauthz.decision.model import Policy
 from extauthz.decision.pipeline import Decision
 from extauthz.errors import ExtauthzError
 from extauthz.policy import yamlsrc
-from extauthz.policy.compiler import parse_duration
+from extauthz.policy.compiler import parse_duration, parse_instant
 from extauthz.tools.simulate import SimRequest, Simulator
 
 _REQUEST_FIELDS = {
     "workload", "method", "host", "path", "issuer", "claims", "expiresIn", "tokenType",
-    "certificate", "headers",
+    "certificate", "headers", "now",
 }  # fmt: skip
 _EXPECT_FIELDS = {
     "decision", "reason", "rule", "audience", "scopes", "ttl", "maxTtl", "claims", "shadow",
@@ -55,6 +55,7 @@ class Case:
     line: int | None
     request: SimRequest
     expect: Expect
+    now: float | None = None  # when the request happens (request.now), else when tests run
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,17 @@ def _case(node: Any, source: str) -> Case:
     if not isinstance(name, str) or not name:
         raise ValueError("name: required")
     line = node.line if isinstance(node, yamlsrc.Located) else None
-    return Case(name, source, line, _request(node.get("request")), _expect(node.get("expect")))
+    request = node.get("request")
+    now = _now(request.get("now")) if isinstance(request, dict) and "now" in request else None
+    return Case(name, source, line, _request(request), _expect(node.get("expect")), now)
+
+
+def _now(value: Any) -> float:
+    """``request.now``: an RFC 3339 time with a zone."""
+    seconds = parse_instant(value)
+    if seconds is None:
+        raise ValueError("request.now: an RFC 3339 time with a zone, like 2026-12-04T09:00:00Z")
+    return seconds
 
 
 def _request(node: Any) -> SimRequest:
@@ -218,11 +229,12 @@ def run_cases(policy: Policy, cases: Sequence[Case], now: float | None = None) -
     results: list[Result] = []
     covered: set[str] = set()
     for case in cases:
+        when = at if case.now is None else case.now
         try:
-            inp = sim.check_input(case.request, at)
+            inp = sim.check_input(case.request, when)
         except ValueError as exc:
             raise CasesError(f"{case.source}:{case.line}: case {case.name!r}: {exc}") from exc
-        decision = sim.decide(inp, at)
+        decision = sim.decide(inp, when)
         if decision.rule is not None:
             covered.add(decision.rule.id)
         results.append(Result(case, decision, tuple(check(case.expect, decision))))
