@@ -36,8 +36,20 @@ class Target:
     path: str  # a concrete request path matching the rule's template
 
 
-def policy_text(rules: int, hosts: int = 100) -> tuple[str, Target]:
-    """A valid policy of ``rules`` disjoint rules and the request that matches the last one."""
+# Every rule is context-bound, as real exchange paths are: two claim conditions (one bound to
+# the path parameter) and an active window, which also takes the lookup through the windowed
+# path. The tokens meet them.
+# (Spelt short: 10,000 of them must fit in the 4 MiB a policy file may have.)
+CONTEXT = (
+    '    require: {scopes: [bench.read], claims: {azp: b, tid: "{id}"}}\n'
+    "    active: {until: 2099-01-01T00:00Z}\n"
+)
+PLAIN = "    require: {scopes: [bench.read]}\n"
+
+
+def policy_text(rules: int, hosts: int = 100, *, context: bool = True) -> tuple[str, Target]:
+    """A valid policy of ``rules`` disjoint rules and the request that matches the last one;
+    ``context=False`` leaves out the claim conditions and windows."""
     head = f"""apiVersion: extauthz/v1
 kind: ExchangePolicy
 exchange: {{issuer: "https://exchange.bench.svc", tokenType: access_token, maxTtl: 300s}}
@@ -49,11 +61,11 @@ rules:
 """
     rows = [
         f"  - id: r{i:05d}\n"
-        f"    purpose: generated benchmark rule {i}\n"
+        f"    purpose: bench rule {i}\n"
         f'    match: {{workloads: ["{_workload(i)}"], host: svc{i % hosts}.bench.svc.cluster.local,'
         f' methods: [GET], paths: ["/v1/r{i}/{{id}}"], issuers: [corp-idp]}}\n'
-        "    require: {scopes: [bench.read]}\n"
-        f'    grant: {{audience: "spiffe://{TRUST_DOMAIN}/ns/bench/sa/up{i % 100}",'
+        + (CONTEXT if context else PLAIN)
+        + f'    grant: {{audience: "spiffe://{TRUST_DOMAIN}/ns/bench/sa/up{i % 100}",'
         " scopes: [bench.read], ttl: 30s}\n"
         for i in range(rules)
     ]
@@ -78,9 +90,9 @@ class Setup:
     rules: int
 
 
-def write_setup(directory: Path, rules: int, hosts: int = 100) -> Setup:
+def write_setup(directory: Path, rules: int, hosts: int = 100, *, context: bool = True) -> Setup:
     (directory / "issuers").mkdir(parents=True, exist_ok=True)
-    text, target = policy_text(rules, hosts)
+    text, target = policy_text(rules, hosts, context=context)
     (directory / "policy.yaml").write_text(text, encoding="utf-8")
     issuer_key = generate_signing_key("ES256")
     (directory / "issuers" / "corp-idp.json").write_text(json.dumps(jwks_document([issuer_key])))
@@ -95,7 +107,8 @@ def sign_tokens(key: SigningKey, count: int) -> list[str]:
     """``count`` distinct subject tokens (each has its own jti) signed by the issuer key."""
     now = int(time.time())
     claims = {"iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 3600,
-              "scope": "bench.read profile.read orders.read email"}  # fmt: skip
+              "scope": "bench.read profile.read orders.read email",
+              "azp": "b", "tid": "42"}  # fmt: skip
     return [
         key.sign(claims | {"sub": f"user-{i}", "jti": secrets.token_urlsafe(12)}, "at+jwt")
         for i in range(count)
