@@ -187,13 +187,19 @@ def authenticate(
     return subject, hit
 
 
+def _parse(token: str) -> CompactJWS | Deny:
+    try:
+        return parse_compact(token)
+    except TokenFormatError as exc:
+        return Deny(Reason.TOKEN_MALFORMED, str(exc))
+
+
 def _verify(token: str, snapshot: Snapshot) -> Subject | Deny:
     """Everything about the token that does not depend on the time."""
     exchange = snapshot.policy.exchange
-    try:
-        jws = parse_compact(token)
-    except TokenFormatError as exc:
-        return Deny(Reason.TOKEN_MALFORMED, str(exc))
+    jws = _parse(token)
+    if isinstance(jws, Deny):
+        return jws
     header, claims = jws.header, jws.claims
 
     iss = claims.get("iss")
@@ -240,10 +246,9 @@ def _verify_txn_token(token: str, snapshot: Snapshot) -> Subject | Deny:
     ``req_wl``). Ours are verified with our published keys; a configured Transaction Token
     Service's with its own, chosen by ``iss``."""
     exchange = snapshot.policy.exchange
-    try:
-        jws = parse_compact(token)
-    except TokenFormatError as exc:
-        return Deny(Reason.TOKEN_MALFORMED, str(exc))
+    jws = _parse(token)
+    if isinstance(jws, Deny):
+        return jws
     header, claims = jws.header, jws.claims
     typ = header.get("typ")
     if not isinstance(typ, str) or normal_typ(typ) != TXN_TYP:

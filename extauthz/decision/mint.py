@@ -23,7 +23,7 @@ from extauthz.decision.authorize import Request
 from extauthz.decision.model import Policy, Rule
 from extauthz.decision.reasons import Deny, Reason
 
-__all__ = ["REQUEST_DETAIL_TYPE", "actor_chain", "narrow"]
+__all__ = ["REQUEST_DETAIL_TYPE", "actor_chain", "narrow", "within_grant"]
 
 # The authorization_details entry that binds an access token to its request.
 REQUEST_DETAIL_TYPE = "http_request"
@@ -124,6 +124,16 @@ def _transaction(
     if rctx is not None:
         claims["rctx"] = dict(rctx)
     return claims
+
+
+def within_grant(subject: Subject, rule: Rule) -> None | Deny:
+    """For ``txnToken: pass``: None (nothing to mint) when the received Txn-Token holds no
+    scope the rule does not grant; it then goes on as received."""
+    wider = subject.scopes - rule.grant.scopes
+    if wider:
+        detail = "the Txn-Token holds scopes this rule does not grant: " + " ".join(sorted(wider))
+        return Deny(Reason.INSUFFICIENT_SCOPE, detail)
+    return None
 
 
 def actor_chain(act: Mapping[str, Any]) -> dict[str, Any]:

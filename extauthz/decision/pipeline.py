@@ -16,7 +16,7 @@ from typing import Any
 from extauthz.decision.authenticate import Subject, SubjectCache, authenticate
 from extauthz.decision.authorize import Request, authorize, request_of
 from extauthz.decision.identity import identify
-from extauthz.decision.mint import narrow
+from extauthz.decision.mint import narrow, within_grant
 from extauthz.decision.model import Policy, Rule, Snapshot
 from extauthz.decision.reasons import Deny, Reason
 
@@ -107,36 +107,22 @@ def decide(
     # injected, and the front lets the request through as it came.
     shadow = policy.shadow or rule.shadow
 
-    if rule.txn == "pass":
-        wider = subject.scopes - rule.grant.scopes
-        if wider:
-            detail = "the Txn-Token holds scopes this rule does not grant: " + " ".join(
-                sorted(wider)
-            )
-            found = Deny(Reason.INSUFFICIENT_SCOPE, detail, rule)
-            return _denied(found, policy, caller.spiffe_id, subject, request, cache_hit)
-        return Decision(
-            Reason.ALLOWED,
-            rule=rule,
-            caller=caller.spiffe_id,
-            subject=subject,
-            request=request,
-            header=policy.exchange.header,
-            strip_headers=_strip(policy, inp),
-            shadow=shadow,
-            cache_hit=cache_hit,
-            passthrough=True,
+    # An inner hop that passes its Txn-Token on mints nothing, if the token is within the
+    # grant; everything else mints the narrowed claims.
+    claims = (
+        within_grant(subject, rule)
+        if rule.txn == "pass"
+        else narrow(
+            subject, rule, caller.spiffe_id, request, caller.thumbprint, policy, int(now), new_id
         )
-
-    claims = narrow(
-        subject, rule, caller.spiffe_id, request, caller.thumbprint, policy, int(now), new_id
     )
     if isinstance(claims, Deny):
         found = Deny(claims.reason, claims.detail, rule)
         return _denied(found, policy, caller.spiffe_id, subject, request, cache_hit)
 
-    token = None if shadow else snapshot.signing_key.sign(claims, policy.exchange.typ)
-    strip = _strip(policy, inp)
+    token = None
+    if claims is not None and not shadow:
+        token = snapshot.signing_key.sign(claims, policy.exchange.typ)
     return Decision(
         Reason.ALLOWED,
         rule=rule,
@@ -146,7 +132,8 @@ def decide(
         claims=claims,
         token=token,
         header=policy.exchange.header,
-        strip_headers=strip,
+        strip_headers=_strip(policy, inp),
+        passthrough=claims is None,
         shadow=shadow,
         cache_hit=cache_hit,
     )
