@@ -53,7 +53,7 @@ def authorize(
     subject: Subject, caller: str, request: Request, policy: Policy, now: float
 ) -> Rule | Deny:
     """The rule that allows this exchange, or why there is none."""
-    rule, inactive = policy.find_active(
+    rule, inactive, shape = policy.find_active(
         request.host, request.method, request.segments, caller, subject.issuer_id, now
     )
     if rule is None and inactive is not None:
@@ -78,7 +78,7 @@ def authorize(
     if missing:
         detail = "missing required scopes: " + " ".join(sorted(missing))
         return Deny(Reason.INSUFFICIENT_SCOPE, detail, rule)
-    unmet = rule.unmet_claim(subject.claims, request.segments) if rule.claims else None
+    unmet = rule.unmet_claim(subject.claims, request.segments, shape) if rule.claims else None
     if unmet is not None:
         # The claim is named, its value never: the detail reaches the decision log.
         return Deny(Reason.CLAIM_MISMATCH, f"claim {unmet} does not meet the rule", rule)

@@ -197,16 +197,21 @@ class Rule:
             return False
         return self.active_until is None or now < self.active_until
 
-    def path_params(self, segments: _Segments) -> dict[str, str]:
-        """The request's path parameters, from the first of the rule's templates it matches."""
-        for template in self.templates:
-            if _template_matches(template, segments):
-                return {name: segments[index] for name, index in template.params}
-        return {}
+    def path_params(self, segments: _Segments, shape: _Segments | None = None) -> dict[str, str]:
+        """The request's path parameters, from the template of the rule the lookup matched
+        (``shape``, the leaf's; the compiler refuses two templates of one shape that place a
+        parameter differently), else from the first template that matches."""
+        found = [t for t in self.templates if t.segments == shape]
+        found = found or [t for t in self.templates if _template_matches(t, segments)]
+        if not found:
+            return {}
+        return {name: segments[index] for name, index in found[0].params}
 
-    def unmet_claim(self, claims: Mapping[str, Any], segments: _Segments) -> str | None:
+    def unmet_claim(
+        self, claims: Mapping[str, Any], segments: _Segments, shape: _Segments | None = None
+    ) -> str | None:
         """The name of the first claim condition the subject does not meet, else None."""
-        params = self.path_params(segments) if self.templates else {}
+        params = self.path_params(segments, shape) if self.templates else {}
         for condition in self.claims:
             if not condition.holds(claims, params):
                 return condition.claim
@@ -251,6 +256,7 @@ class Leaf:
     """All rules sharing one (host, method, path template): who may call with which issuer."""
 
     template: str
+    shape: paths.Segments  # the template's segments: literals, PARAM and REST markers
     exact: dict[tuple[str, str], Rule] = field(default_factory=dict)  # (spiffe id, issuer id)
     patterns: list[tuple[WorkloadPattern, str, Rule]] = field(default_factory=list)
 
@@ -353,19 +359,23 @@ class Policy:
         caller: str,
         issuer_id: str,
         now: float,
-    ) -> tuple[Rule | None, Rule | None]:
-        """The one rule active at ``now`` for this request and caller, and, when there is
-        none, the rule outside its window that would have been it. A rule outside its window
-        does not match: the next one in ``find_rule``'s order may."""
-        if not self.windows:
-            return self.find_rule(host, method, segments, caller, issuer_id), None
+    ) -> tuple[Rule | None, Rule | None, paths.Segments]:
+        """The one rule active at ``now`` for this request and caller with the shape of the
+        template it matched by, or, when there is none, the rule outside its window that
+        would have been it. A rule outside its window does not match: the next one in
+        ``find_rule``'s order may."""
         inactive: Rule | None = None
         for leaf in self.table.leaves(host, method, segments):
-            for rule in leaf.candidates(caller, issuer_id):
-                if rule.active_at(now):
-                    return rule, None
-                inactive = inactive or rule
-        return None, inactive
+            if not self.windows:
+                rule = leaf.pick(caller, issuer_id)
+                if rule is not None:
+                    return rule, None, leaf.shape
+                continue
+            for candidate in leaf.candidates(caller, issuer_id):
+                if candidate.active_at(now):
+                    return candidate, None, leaf.shape
+                inactive = inactive or candidate
+        return None, inactive, ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -819,6 +820,10 @@ def _claim_conditions(scope: _Scope, templates: list[str]) -> list[ClaimConditio
                     f"(not of {', '.join(missing)})",
                 )
                 continue
+            clash = _param_clash(templates, param)
+            if clash:
+                scope.fail("claims", f"{where}: {value} is ambiguous: {clash}")
+                continue
             out.append(ClaimCondition(name, "param", param=param))
         elif isinstance(value, dict):
             if set(value) != {"contains"} or not _scalar(value["contains"]):
@@ -843,6 +848,22 @@ def _claim_conditions(scope: _Scope, templates: list[str]) -> list[ClaimConditio
 def _scalar(value: object) -> bool:
     """A claim value a condition may name: a string, a number or a boolean (no dates, nulls)."""
     return isinstance(value, str | int | float | bool) and value == value  # not NaN
+
+
+def _param_clash(templates: list[str], param: str) -> str:
+    """Two templates of one shape (the same path with parameters) that put ``param`` in
+    different places: a request matching both would not say which segment it is."""
+    seen: dict[paths.Segments, tuple[str, int]] = {}
+    for text in templates:
+        try:
+            template = paths.parse_template(text)
+        except ValueError:
+            continue
+        index = dict(template.params).get(param, -1)
+        other = seen.setdefault(template.segments, (text, index))
+        if other[1] != index:
+            return f"{other[0]} and {text} match the same paths with it in another place"
+    return ""
 
 
 def _template_has(text: str, param: str) -> bool:
@@ -874,7 +895,8 @@ def _instant(scope: _Scope, key: str) -> int | None:
     if seconds is None:
         scope.fail(key, "must be an RFC 3339 time with a zone, like 2026-12-04T18:00:00Z")
         return None
-    return int(seconds)
+    # Whole seconds, each bound rounded inwards: a window never opens early or closes late.
+    return math.ceil(seconds) if key == "from" else math.floor(seconds)
 
 
 def parse_instant(value: Any) -> float | None:

@@ -92,7 +92,7 @@ def _leaf_for(root: Node, template: paths.Template) -> Leaf:
     for seg in template.segments:
         if seg == paths.REST:
             if node.rest is None:
-                node.rest = Leaf(template.text)
+                node.rest = Leaf(template.text, template.segments)
             return node.rest
         if seg == paths.PARAM:
             if node.param is None:
@@ -101,7 +101,7 @@ def _leaf_for(root: Node, template: paths.Template) -> Leaf:
         else:
             node = node.literal.setdefault(seg, Node())
     if node.leaf is None:
-        node.leaf = Leaf(template.text)
+        node.leaf = Leaf(template.text, template.segments)
     return node.leaf
 
 
