@@ -244,25 +244,6 @@ def base_rule(draw: st.DrawFn, index: int) -> dict[str, Any]:
     )
 
 
-def compile_lenient(doc: dict[str, Any]) -> Policy:
-    """Compile, dropping the rules that overlap an earlier one (a compile error by design,
-    tested elsewhere); at least one rule survives."""
-    try:
-        return k.compile_fast(doc)
-    except PolicyError:
-        pass
-    kept: list[dict[str, Any]] = []
-    for rule in doc["rules"]:
-        try:
-            k.compile_fast({**doc, "rules": [*kept, rule]})
-        except PolicyError as exc:
-            assert all("overlap" in p.message for p in exc.problems), exc
-            continue
-        kept.append(rule)
-    doc["rules"] = kept
-    return k.compile_fast(doc)
-
-
 @dataclass(frozen=True)
 class Added:
     conds: tuple[Cond, ...] = ()
@@ -370,7 +351,7 @@ def request_path(draw: st.DrawFn) -> str:
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
     base = k.policy_doc([base_rule(draw, i) for i in range(draw(_ints(1, 4)))], max_ttl=300)
-    compile_lenient(base)  # drops the overlapping rules from ``base``
+    k.compile_lenient(base)  # drops the overlapping rules from ``base``
     rules = base["rules"]
 
     # The request: mostly aimed at a rule, with the scopes it asks for.

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import corekit as k
 import pytest
 from opskit import (
     QUICK,
@@ -605,19 +606,7 @@ def check_minted(
     for name, value in want.items():
         if claims.get(name) != value:
             problems.append(f"{where}: {name} is {claims.get(name)!r}, not {value!r}")
-    names = {
-        "iss",
-        "sub",
-        "aud",
-        "iat",
-        "exp",
-        "jti",
-        "scope",
-        "client_id",
-        "act",
-        "authorization_details",
-        "cnf",
-    }
+    names = k.MINTED_KEYS
     if set(claims) != names:
         problems.append(f"{where}: claims {sorted(claims)}")
     scopes = set(str(claims.get("scope", "")).split())

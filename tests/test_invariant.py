@@ -36,7 +36,6 @@ from extauthz.decision.jose import parse_compact, verify_signature
 from extauthz.decision.model import Policy, Snapshot, normalise_host
 from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
-from extauthz.errors import PolicyError
 
 SETTINGS = settings(
     max_examples=200,
@@ -232,25 +231,6 @@ def policy_doc(draw: st.DrawFn) -> dict[str, Any]:
     )
 
 
-def compile_lenient(doc: dict[str, Any]) -> Policy:
-    """Compile the generated document, dropping rules that make it ambiguous (those are a
-    compile error by design, tested elsewhere); at least one rule always survives."""
-    try:
-        return k.compile_fast(doc)
-    except PolicyError:
-        pass
-    kept: list[dict[str, Any]] = []
-    for rule in doc["rules"]:
-        try:
-            k.compile_fast({**doc, "rules": [*kept, rule]})
-        except PolicyError as exc:
-            assert all("overlap" in p.message for p in exc.problems), exc
-            continue
-        kept.append(rule)
-    doc["rules"] = kept
-    return k.compile_fast(doc)
-
-
 def snapshot(policy: Policy, eddsa: bool) -> Snapshot:
     signing = [SIGNING_EDDSA, SIGNING] if eddsa else [SIGNING]
     return k.snapshot_in_memory(policy, ISSUERS, signing)
@@ -386,7 +366,7 @@ def attempt(draw: st.DrawFn, doc: dict[str, Any], now: float) -> Attempt:
 @st.composite
 def scenarios(draw: st.DrawFn) -> tuple[dict[str, Any], Policy, float, list[Attempt], bool]:
     doc = policy_doc(draw)
-    policy = compile_lenient(doc)
+    policy = k.compile_lenient(doc)
     now = 1_700_000_000 + draw(NOW_FRACTION)
     tries = [attempt(draw, doc, now) for _ in range(draw(_ints(1, 5)))]
     return doc, policy, now, tries, draw(BOOLS)
