@@ -52,7 +52,7 @@ from extauthz.demo.stack import (
 )
 from extauthz.policy.loader import write_private_key
 
-TXN_HEADER = "txn-token"
+TXN_TOKEN_HEADER = "txn-token"
 PATH = "/v1/orders/7"
 USER = "alice"
 USER_AUDIENCE = "https://shop.example.com"
@@ -164,7 +164,7 @@ class Relay(Started):
             self._requests.append(received)
         status, after = 200, None
         if self.next_hop is not None:
-            after = self._call_next(handler.path, received.values(TXN_HEADER))
+            after = self._call_next(handler.path, received.values(TXN_TOKEN_HEADER))
             status = after["status"] if isinstance(after["status"], int) else 502
         body = json.dumps(
             {"hop": self.name, "headers": [list(line) for line in raw], "next": after}
@@ -182,7 +182,7 @@ class Relay(Started):
             conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
             conn.putheader("Host", self.next_hop.host)
             for value in txn_tokens:
-                conn.putheader(TXN_HEADER, value)
+                conn.putheader(TXN_TOKEN_HEADER, value)
             conn.endheaders()
             response = conn.getresponse()
             data = response.read()
@@ -273,9 +273,9 @@ class HopToken:
 
 
 def hop_token(arrival: Arrival, jwks: Mapping[str, Mapping[str, Any]]) -> HopToken:
-    values = arrival.values(TXN_HEADER)
+    values = arrival.values(TXN_TOKEN_HEADER)
     if len(values) != 1:
-        raise AssertionError(f"{arrival.hop} received {len(values)} {TXN_HEADER} lines")
+        raise AssertionError(f"{arrival.hop} received {len(values)} {TXN_TOKEN_HEADER} lines")
     jws = parse_compact(values[0])
     checked = {hop: verifies(jws, document) for hop, document in jwks.items()}
     return HopToken(arrival.hop, dict(jws.header), dict(jws.claims), checked, values[0])

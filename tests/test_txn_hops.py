@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from hopkit import (
     HOPS,
-    TXN_HEADER,
+    TXN_TOKEN_HEADER,
     USER,
     WORKLOADS,
     Chain,
@@ -238,7 +238,7 @@ def test_the_users_bearer_never_passes_the_first_hop(sent: Sent) -> None:
         assert leaked == [], f"the bearer reached {arrival.hop} in {leaked}"
         signed = [name for name, value in arrival.headers if signature in value]
         assert signed == [], f"the bearer's signature reached {arrival.hop} in {signed}"
-        assert arrival.names.count(TXN_HEADER) == 1, arrival.hop
+        assert arrival.names.count(TXN_TOKEN_HEADER) == 1, arrival.hop
     # Not vacuous: every relay was reached (and so was checked above).
     assert sent.chain.hops == list(HOPS)
 
@@ -256,7 +256,7 @@ def test_a_token_presented_by_a_workload_it_was_not_minted_for_is_refused(
     relay_b = mesh.hops["b"].relay
     reached, mark = len(relay_b.requests), len(mesh.decision_lines("b"))
 
-    replayed = mesh.send("checkout", "b", {TXN_HEADER: for_a.text})
+    replayed = mesh.send("checkout", "b", {TXN_TOKEN_HEADER: for_a.text})
     status = replayed.status
     assert status == Reason.ACTOR_NOT_PERMITTED.http_status == 403
     assert replayed.json() == {"error": Reason.ACTOR_NOT_PERMITTED.code}
@@ -271,11 +271,11 @@ def test_a_token_presented_by_a_workload_it_was_not_minted_for_is_refused(
     assert line["txn"] == for_a.claims["txn"]
 
     # The same token from the workload it names is accepted: the token itself is valid.
-    honest = mesh.send("a", "b", {TXN_HEADER: for_a.text})
+    honest = mesh.send("a", "b", {TXN_TOKEN_HEADER: for_a.text})
     answered = chain_of(honest)
     assert (answered.status, answered.hops, answered.end) == (200, ["b"], None)
     (arrival,) = relay_b.requests[reached:]
-    (value,) = arrival.values(TXN_HEADER)
+    (value,) = arrival.values(TXN_TOKEN_HEADER)
     replaced = parse_compact(value).claims
     assert replaced["txn"] == for_a.claims["txn"]
     assert replaced["may_act"] == {"sub": WORKLOADS["b"]}

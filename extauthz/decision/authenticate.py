@@ -27,7 +27,7 @@ from extauthz.decision.jose import (
 )
 from extauthz.decision.model import (
     SELF_ISSUER_ID,
-    TXN_HEADER,
+    TXN_TOKEN_HEADER,
     TXN_TYP,
     Exchange,
     Snapshot,
@@ -138,7 +138,7 @@ def extract_bearer(headers: Mapping[str, str], max_bytes: int) -> str | Deny:
 def extract_txn_token(headers: Mapping[str, str], max_bytes: int) -> str | Deny:
     """Exactly one Txn-Token in exactly one ``txn-token`` header, as the draft's "Txn-Token"
     HTTP Header section says: the compact JWS itself, no scheme before it."""
-    value = headers.get(TXN_HEADER, "")
+    value = headers.get(TXN_TOKEN_HEADER, "")
     if value == "":
         return Deny(Reason.TOKEN_MISSING, "txn-token is empty")
     if len(value) > max_bytes:
@@ -152,8 +152,8 @@ def extract_txn_token(headers: Mapping[str, str], max_bytes: int) -> str | Deny:
 def presented(headers: Mapping[str, str], exchange: Exchange) -> tuple[str | Deny, str]:
     """The subject token's text (or why there is none) and the header it came in: the
     Txn-Token of an inner hop in transaction_token mode, else the bearer token."""
-    if exchange.transaction_tokens and TXN_HEADER in headers:
-        return extract_txn_token(headers, exchange.max_token_bytes), TXN_HEADER
+    if exchange.transaction_tokens and TXN_TOKEN_HEADER in headers:
+        return extract_txn_token(headers, exchange.max_token_bytes), TXN_TOKEN_HEADER
     return extract_bearer(headers, exchange.max_token_bytes), "authorization"
 
 
@@ -164,7 +164,7 @@ def authenticate(
     token, where = presented(headers, snapshot.policy.exchange)
     if isinstance(token, Deny):
         return token, None
-    if where == TXN_HEADER:
+    if where == TXN_TOKEN_HEADER:
         # The same text is verified differently as a bearer token: never one cache entry.
         key, verify = "txn " + token, _verify_txn_token
     else:

@@ -20,7 +20,7 @@ from extauthz.decision.jose import IssuerKeys, SigningKey
 __all__ = [
     "SELF_ISSUER_ID",
     "ClaimCondition",
-    "TXN_HEADER",
+    "TXN_TOKEN_HEADER",
     "TXN_TYP",
     "Exchange",
     "Grant",
@@ -39,7 +39,7 @@ __all__ = [
 
 SELF_ISSUER_ID = "exchange"  # the issuer id a re-exchanged token (minted by us) matches as
 TXN_TYP = "txntoken+jwt"  # the JWT typ of a transaction token, as ``normal_typ`` spells it
-TXN_HEADER = "txn-token"  # the one header a Txn-Token travels in
+TXN_TOKEN_HEADER = "txn-token"  # the one header a Txn-Token travels in
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from extauthz.decision.jose import IssuerKeys, SigningKey, generate_issuer_key, generate_signing_key
-from extauthz.decision.model import SELF_ISSUER_ID, TXN_HEADER, TXN_TYP, Policy, TrustedIssuer
+from extauthz.decision.model import SELF_ISSUER_ID, TXN_TOKEN_HEADER, TXN_TYP, Policy, TrustedIssuer
 from extauthz.decision.pipeline import CheckInput, Decision, decide
 from extauthz.policy.loader import assemble
 
@@ -109,7 +109,7 @@ class Simulator:
         txn_token = self.transaction_token(req, now)
         token = None if txn_token is not None else self.subject_token(req, now)
         if txn_token is not None:
-            headers[TXN_HEADER] = txn_token
+            headers[TXN_TOKEN_HEADER] = txn_token
         elif token is not None:
             headers["authorization"] = f"Bearer {token}"
         return CheckInput(
