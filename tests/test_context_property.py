@@ -606,20 +606,25 @@ def param_snapshot() -> Snapshot:
 
 
 def test_the_parameter_comes_from_the_matched_template() -> None:
-    """``/v1/tenants/acme/orders/1`` matches both templates; the lookup matches the more
-    specific ``/v1/tenants/{tenant}/orders/{id}`` (tenant ``acme``), and the condition reads
-    ``{tenant}`` from that one, not from ``/v1/{tenant}/**`` (tenant ``tenants``), listed
-    first (a fault found here: it did, and a user of tenant "tenants" got every tenant's)."""
+    """``/v1/tenants/acme/orders/1`` matches both templates: read from the less specific
+    ``/v1/{tenant}/**`` the tenant is ``tenants``. (A fault found here: it was, and a user of
+    tenant "tenants" got every tenant's orders.) A bound parameter must now sit at one
+    segment of every template, and the lookup's own template is the one read."""
     rule = claims_rule(
         {"tenant": "{tenant}"}, paths=["/v1/{tenant}/**", "/v1/tenants/{tenant}/orders/{id}"]
     )
-    snap = snapshot(k.compile_fast(k.policy_doc([rule])))
+    with pytest.raises(PolicyError, match="ambiguous"):
+        k.compile_fast(k.policy_doc([rule]))
+    same = claims_rule(
+        {"tenant": "{tenant}"}, paths=["/v1/{tenant}/**", "/v1/{tenant}/orders/{id}"]
+    )
+    snap = snapshot(k.compile_fast(k.policy_doc([same])))
     outcomes = {}
-    for tenant in ("acme", "tenants"):
+    for tenant in ("acme", "orders"):
         token = IDP.key.sign(k.subject_claims(tenant=tenant), "at+jwt")
-        inp = k.request(token, path="/v1/tenants/acme/orders/1")
+        inp = k.request(token, path="/v1/acme/orders/1")
         outcomes[tenant] = decide(inp, snap, k.NOW, k.Ids()).reason
-    assert outcomes == {"acme": Reason.ALLOWED, "tenants": Reason.CLAIM_MISMATCH}
+    assert outcomes == {"acme": Reason.ALLOWED, "orders": Reason.CLAIM_MISMATCH}
 
 
 def test_a_fractional_from_is_not_early() -> None:

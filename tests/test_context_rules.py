@@ -413,3 +413,63 @@ def test_explain_shows_each_conditions_verdict(tmp_path: Path) -> None:
     }
     text = in_process(*args).stdout
     assert "claim groups contains 'ops': does not hold" in text
+
+
+# --- faults found in review, fixed ------------------------------------------------------------
+
+
+def test_a_shadow_rule_outside_its_window_shadows_nothing() -> None:
+    """A staged shadow rule before its window (or after it) must not wave requests through:
+    the deny stands, as if the rule were not there."""
+    for active in ({"from": iso(k.NOW + 3600)}, {"until": iso(k.NOW - 1)}):
+        w = world(tenant_rule(active=active, mode="shadow"))
+        decision = ask(w)
+        k.denied(decision, Reason.RULE_INACTIVE)
+
+
+def test_diff_calls_a_smaller_window_widening_when_another_rule_answers_instead() -> None:
+    general = k.rule_doc(
+        "portal-orders",
+        workloads=["spiffe://cluster.local/ns/shop/sa/*"],
+        host=ORDERS_HOST,
+        paths=["/v1/tenants/**"],
+        require=["orders.read"],
+        audience=k.PROFILE,
+        scopes=["orders.read"],
+    )
+    old = k.compile_doc(k.policy_doc([tenant_rule(), general]))
+    new = k.compile_doc(k.policy_doc([tenant_rule(active={"until": iso(k.NOW)}), general]))
+    (change,) = diff_policies(old, new)
+    assert (change.effect, change.kind) == (WIDENS, "window-until-added")
+    assert "portal-orders may answer instead" in change.detail
+
+
+@pytest.mark.parametrize(
+    ("paths", "expected"),
+    [
+        (["/v1/{tenant}/admin", "/v1/x/{tenant}"], "is ambiguous"),
+        (["/v1/tenants/{tenant}/orders", "/v1/tenants/{tenant}/orders/{bad"], "'{bad'"),
+    ],
+)
+def test_a_bound_parameter_sits_at_one_segment_of_valid_templates(
+    paths: list[str], expected: str
+) -> None:
+    rule = tenant_rule({"tenant": "{tenant}"})
+    rule["match"]["paths"] = paths
+    found = problems(k.policy_doc([rule]))
+    assert len(found) == 1 and expected in found[0], found
+
+
+@pytest.mark.parametrize(
+    "active",
+    [
+        {"until": None},
+        {"until": "2026-W49-4T18:00Z"},
+        {"until": "20261203T180000Z"},
+        {"until": "9999-12-31T23:59:59-01:00"},
+        {"from": "0001-01-01T00:00:00+14:00"},
+    ],
+)
+def test_a_window_bound_is_rfc_3339_within_printable_years(active: dict[str, Any]) -> None:
+    found = problems(k.policy_doc([tenant_rule(active=active)]))
+    assert len(found) == 1 and found[0].startswith("active."), found

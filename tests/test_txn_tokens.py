@@ -26,6 +26,7 @@ from extauthz.decision.model import Snapshot
 from extauthz.decision.pipeline import Decision, decide
 from extauthz.decision.reasons import Reason
 from extauthz.demo.idp import Idp
+from extauthz.errors import PolicyError
 from extauthz.policy.loader import assemble
 
 TD = k.TD
@@ -415,6 +416,23 @@ def test_pass_sends_the_token_on_as_it_was_received() -> None:
     assert b.token is None and b.claims is None
     assert "txn-token" not in b.strip_headers and "authorization" in b.strip_headers
     assert b.subject is not None and b.subject.txn == (a.claims or {})["txn"]
+
+
+def test_pass_refuses_an_expired_or_empty_token_and_a_window() -> None:
+    """A token goes on only if the next hop can take it: not expired (no leeway), holding a
+    scope; and a pass rule cannot have a window, since a passed token keeps its own exp."""
+    hops = Hops(b_mode="pass")
+    edge = hops.first(hops.bearer(scope="orders.read payments.charge"))
+    claims = dict(edge.claims or {})
+    late = hops.own(**{**claims, "may_act": {"sub": A}, "scope": "payments.charge"})
+    k.denied(hops.inner(late, A, B_HOST, now=claims["exp"] + 1), Reason.TOKEN_EXPIRED)
+    empty = hops.own(**{**claims, "may_act": {"sub": A}, "scope": ""})
+    k.denied(hops.inner(empty, A, B_HOST), Reason.INSUFFICIENT_SCOPE)
+    rules = _rules("pass")
+    rules[2]["active"] = {"until": "2030-01-01T00:00:00Z"}
+    doc = k.policy_doc(rules, token_type="transaction_token", issuers=[k.issuer_doc(), _tts_doc()])
+    with pytest.raises(PolicyError, match="keeps its own exp"):
+        k.compile_doc(doc)
 
 
 def test_pass_refuses_a_token_wider_than_the_rule() -> None:

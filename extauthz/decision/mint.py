@@ -126,9 +126,14 @@ def _transaction(
     return claims
 
 
-def within_grant(subject: Subject, rule: Rule) -> None | Deny:
-    """For ``txnToken: pass``: None (nothing to mint) when the received Txn-Token holds no
-    scope the rule does not grant; it then goes on as received."""
+def within_grant(subject: Subject, rule: Rule, now: int) -> None | Deny:
+    """For ``txnToken: pass``: None (nothing to mint) when the received Txn-Token holds some
+    scopes, none the rule does not grant, and has not expired (no leeway for a token that
+    goes on: the next hop would refuse it); it then goes on as received."""
+    if subject.exp <= now:
+        return Deny(Reason.TOKEN_EXPIRED, "the Txn-Token expires now")
+    if not subject.scopes:
+        return Deny(Reason.INSUFFICIENT_SCOPE, "the Txn-Token holds no scope")
     wider = subject.scopes - rule.grant.scopes
     if wider:
         detail = "the Txn-Token holds scopes this rule does not grant: " + " ".join(sorted(wider))

@@ -110,7 +110,7 @@ def decide(
     # An inner hop that passes its Txn-Token on mints nothing, if the token is within the
     # grant; everything else mints the narrowed claims.
     claims = (
-        within_grant(subject, rule)
+        within_grant(subject, rule, int(now))
         if rule.txn == "pass"
         else narrow(
             subject, rule, caller.spiffe_id, request, caller.thumbprint, policy, int(now), new_id
@@ -158,7 +158,10 @@ def _denied(
 ) -> Decision:
     # A deny is shadowed too when the policy, or the rule that was found, is in shadow mode:
     # what would have been refused is logged and the request passes as it came.
-    shadow = policy.shadow or (deny.rule is not None and deny.rule.shadow)
+    # A rule outside its window matches nothing, so it shadows nothing either: a staged
+    # shadow rule must not wave requests through before its window opens or after it ends.
+    found = deny.rule is not None and deny.reason is not Reason.RULE_INACTIVE
+    shadow = policy.shadow or (found and deny.rule is not None and deny.rule.shadow)
     return Decision(
         deny.reason,
         deny.detail,

@@ -453,7 +453,7 @@ def _trust_domain(scope: _Scope, token_type: str) -> str | None:
             scope.fail("trustDomain", "goes with tokenType transaction_token only")
         return None
     domain = scope.string("trustDomain")
-    if domain is not None and parse_spiffe_id(f"spiffe://{domain}/x") is None:
+    if domain is not None and ("/" in domain or parse_spiffe_id(f"spiffe://{domain}/x") is None):
         scope.fail("trustDomain", f"{domain!r} is not a trust domain name like prod.example.com")
         return None
     return domain
@@ -692,6 +692,8 @@ def _rule(scope: _Scope, known: _Known) -> Rule | None:
     required, conditions = _require(require_scope, match.paths)
     window_scope = scope.mapping("active", required=False)
     window = _window(window_scope)
+    if txn == "pass" and window_scope.node is not None:
+        scope.fail("active", "a passed Txn-Token keeps its own exp: use txnToken: replace")
     grant_scope = scope.mapping("grant", required=True)
     grant = _grant(grant_scope, known)
     if ident is None or purpose is None or match.host is None or grant is None:
@@ -714,11 +716,7 @@ def _rule(scope: _Scope, known: _Known) -> Rule | None:
         claims=tuple(conditions),
         active_from=window[0],
         active_until=window[1],
-        templates=(
-            tuple(paths.parse_template(t) for t in match.paths)
-            if any(c.kind == "param" for c in conditions)
-            else ()
-        ),
+        templates=_templates(match.paths) if any(c.kind == "param" for c in conditions) else (),
         line=scope.line,
         field_lines={
             **_lines(scope, ("id", "purpose", "match", "mode", "reexchange", "txnToken")),
@@ -850,19 +848,27 @@ def _scalar(value: object) -> bool:
     return isinstance(value, str | int | float | bool) and value == value  # not NaN
 
 
-def _param_clash(templates: list[str], param: str) -> str:
-    """Two templates of one shape (the same path with parameters) that put ``param`` in
-    different places: a request matching both would not say which segment it is."""
-    seen: dict[paths.Segments, tuple[str, int]] = {}
-    for text in templates:
+def _templates(texts: list[str]) -> tuple[paths.Template, ...]:
+    """The templates that parse (the others are reported where the paths are checked)."""
+    out = []
+    for text in texts:
         try:
-            template = paths.parse_template(text)
+            out.append(paths.parse_template(text))
         except ValueError:
             continue
+    return tuple(out)
+
+
+def _param_clash(templates: list[str], param: str) -> str:
+    """Templates that put ``param`` at different segments: a request two of them match
+    (``/v1/{tenant}/admin`` and ``/v1/x/{tenant}`` both match ``/v1/x/admin``) would not say
+    which segment it is. A bound parameter sits at one index in every template."""
+    first: tuple[str, int] | None = None
+    for template in _templates(templates):
         index = dict(template.params).get(param, -1)
-        other = seen.setdefault(template.segments, (text, index))
-        if other[1] != index:
-            return f"{other[0]} and {text} match the same paths with it in another place"
+        first = first or (template.text, index)
+        if index != first[1]:
+            return f"it is segment {first[1] + 1} of {first[0]} but not of {template.text}"
     return ""
 
 
@@ -880,6 +886,9 @@ def _window(scope: _Scope) -> tuple[int | None, int | None]:
     scope.fields(("from", "until"))
     if not scope.has("from") and not scope.has("until"):
         scope.fail("", "give from, until or both")
+    for key in ("from", "until"):
+        if scope.has(key) and scope.get(key) is None:
+            scope.fail(key, "is empty: give a time, or leave the key out")
     bounds = [_instant(scope, key) for key in ("from", "until")]
     start, end = bounds
     if start is not None and end is not None and end <= start:
@@ -899,16 +908,25 @@ def _instant(scope: _Scope, key: str) -> int | None:
     return math.ceil(seconds) if key == "from" else math.floor(seconds)
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}:\d{2})")
+
+
 def parse_instant(value: Any) -> float | None:
     """Unix seconds of an RFC 3339 time with a zone (``2026-12-04T18:00:00Z``, or the
     datetime YAML reads it as), else None: a time without a zone means different instants on
-    different machines."""
+    different machines. Years 1 to 9999 in UTC only, so every tool can print it."""
     if isinstance(value, str):
+        if not _RFC3339.fullmatch(value):
+            return None
         try:
             value = dt.datetime.fromisoformat(value)
         except ValueError:
             return None
     if not isinstance(value, dt.datetime) or value.tzinfo is None:
+        return None
+    try:
+        value.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
         return None
     return value.timestamp()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from extauthz.decision.jose import IssuerKeys
 from extauthz.decision.model import ClaimCondition, Policy, Rule, TrustedIssuer
+from extauthz.policy.table import overlapping_rules
 
 __all__ = ["NARROWS", "NEUTRAL", "WIDENS", "Change", "diff_policies", "render"]
 
@@ -82,8 +83,15 @@ def diff_policies(
         )
     for ident in sorted(old_rules.keys() - new_rules.keys()):
         changes.append(Change(NARROWS, "rule-removed", ident, "no longer grants anything"))
+    # Outside its window a rule does not match and another one may answer instead: a window
+    # made smaller hands those requests to the rules that overlap it.
+    overlaps: dict[str, set[str]] = {}
+    for a, b in overlapping_rules(new.table):
+        overlaps.setdefault(a.id, set()).add(b.id)
+        overlaps.setdefault(b.id, set()).add(a.id)
     for ident in sorted(old_rules.keys() & new_rules.keys()):
-        changes.extend(_rule(old_rules[ident], new_rules[ident]))
+        others = sorted(overlaps.get(ident, ()))
+        changes.extend(_rule(old_rules[ident], new_rules[ident], others))
     return changes
 
 
@@ -106,7 +114,7 @@ def _number(kind: str, rule: str | None, old: int, new: int, unit: str = "s") ->
         yield Change(NARROWS, f"{kind}-lowered", rule, f"{old}{unit} -> {new}{unit}")
 
 
-def _rule(old: Rule, new: Rule) -> Iterator[Change]:
+def _rule(old: Rule, new: Rule, overlapping: Sequence[str] = ()) -> Iterator[Change]:
     r = new.id
     if old.grant.audience != new.grant.audience:
         yield Change(WIDENS, "audience-changed", r, f"{old.grant.audience} -> {new.grant.audience}")
@@ -128,7 +136,12 @@ def _rule(old: Rule, new: Rule) -> Iterator[Change]:
         effect = WIDENS if new.reexchange else NARROWS
         yield Change(effect, "reexchange-changed", r, f"{old.reexchange} -> {new.reexchange}")
     yield from _conditions(r, old, new)
-    yield from _window(r, old, new)
+    for change in _window(r, old, new):
+        if change.effect == NARROWS and overlapping:
+            # Those requests are not refused: the overlapping rules answer them.
+            detail = f"{change.detail}; outside it {', '.join(overlapping)} may answer instead"
+            change = Change(WIDENS, change.kind, r, detail)
+        yield change
     if old.txn != new.txn:
         # A pass hop sends on the token as received, with its lifetime and the scopes within
         # the grant; a replacement is re-bound and re-capped by this rule.
