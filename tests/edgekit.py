@@ -19,8 +19,9 @@ What Envoy sends each front:
   ``workloads.xfcc.trustedHops`` means anything).
 - HTTP (``envoy-http.yaml``): the original method, target ``/check`` + the original path
   (query included), ``host`` = the original authority, and only ``authorization``,
-  ``x-forwarded-client-cert`` and ``x-request-id``, repeated lines joined with ``,``. The
-  XFCC is one element the local Envoy sets (``SANITIZE_SET``, ``uri: true``):
+  ``txn-token``, ``x-forwarded-client-cert``, ``x-request-id`` and ``traceparent``, repeated
+  lines joined with ``,``. The XFCC is one element the local Envoy sets (``SANITIZE_SET``,
+  ``uri: true``):
   ``By=<its own URI SAN>;Hash=<hex SHA-256 of the client certificate DER>;URI=<the client's
   URI SAN>``, unquoted as Envoy writes it; whatever XFCC the client sent is gone.
 
@@ -90,7 +91,7 @@ FRONTS = ("grpc", "http")
 ENVOY_ID = "spiffe://cluster.local/ns/edge/sa/envoy"
 XFCC = "x-forwarded-client-cert"
 # envoy-http.yaml: authorization_request.allowed_headers (Envoy adds host itself) ...
-HTTP_FORWARDED = ("authorization", XFCC, "x-request-id")
+HTTP_FORWARDED = ("authorization", "txn-token", XFCC, "x-request-id", "traceparent")
 # ... and authorization_response.
 ALLOWED_UPSTREAM = frozenset({"authorization", "txn-token"})
 ALLOWED_CLIENT = frozenset({"content-type", "cache-control", "www-authenticate"})

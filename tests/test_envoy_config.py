@@ -44,7 +44,7 @@ from extauthz.demo.envoy import (
 )
 from extauthz.demo.pki import Pki, make_pki, x5t_s256
 from extauthz.demo.stack import free_port
-from extauthz.serve.http_edge import PATH_PREFIX, REASON_HEADER, RULE_HEADER
+from extauthz.serve.http_edge import DECISION_HEADER, PATH_PREFIX, REASON_HEADER, RULE_HEADER
 from extauthz.serve.http_front import READY_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,6 +250,7 @@ def test_http_config_asks_the_http_front_and_sets_xfcc() -> None:
         "txn-token",
         "x-forwarded-client-cert",
         "x-request-id",
+        "traceparent",
     ]
     response = service["authorization_response"]
     assert patterns(response["allowed_upstream_headers"]) == ["authorization", "txn-token"]
@@ -261,7 +262,7 @@ def test_http_config_asks_the_http_front_and_sets_xfcc() -> None:
     # Only extauthz's own answer headers (reason code, rule id, ...) go to the access log's
     # metadata: never a credential.
     metadata = patterns(response["dynamic_metadata_from_headers"])
-    assert {REASON_HEADER, RULE_HEADER} <= set(metadata)
+    assert {REASON_HEADER, RULE_HEADER, DECISION_HEADER} <= set(metadata)
     assert all(name.startswith("x-extauthz-") for name in metadata), metadata
     manager = hcm(config)
     assert manager["forward_client_cert_details"] == "SANITIZE_SET"

@@ -386,6 +386,7 @@ class Snapshot:
     issuer_keys: Mapping[str, IssuerKeys]  # by trusted issuer id
     signing_keys: tuple[SigningKey, ...]  # all published; the first one signs
     own_keys: IssuerKeys  # public halves of all our keys, to recognise re-exchanged tokens
+    generation: int = 0  # how many snapshots the server installed before this one, plus one
 
     @property
     def signing_key(self) -> SigningKey:

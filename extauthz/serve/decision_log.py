@@ -1,21 +1,60 @@
 """One JSON line per decision. Built field by field from the Decision so that no token, key or
-header value can reach it: there is no code path from a token string to this line."""
+header value can reach it: there is no code path from a token string to this line.
+
+Version 2 of the line adds, beside every field of version 1: the decision's own id (also in
+Envoy's dynamic metadata), the policy revision and generation it was made under, the W3C trace
+id, and for a request denied before it was read as a rule sees it, its method, host, path and
+caller as they came.
+"""
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
 
-from extauthz.decision.pipeline import Decision
+from extauthz.decision.pipeline import CheckInput, Decision
 
+VERSION = 2
 # The request id is the request's x-request-id, which a client may choose: a line keeps no more
-# of it than any id needs (a UUID is 36 characters).
+# of it than any id needs (a UUID is 36 characters). The same for a raw host and path.
 MAX_REQUEST_ID = 128
+MAX_RAW_HOST = 256
+MAX_RAW_PATH = 1024
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_NO_TRACE = "0" * 32
 
 
-def record(decision: Decision, latency_s: float, request_id: str, now: float) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the server knows about a decision besides the Decision itself."""
+
+    decision_id: str = ""
+    policy_revision: str | None = None  # the first 16 hex digits of the policy's sha256
+    policy_generation: int | None = None
+    inp: CheckInput | None = None  # the request as the front read it, if it did
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` header, or None when there is no valid one."""
+    if not traceparent:
+        return None
+    found = _TRACEPARENT.fullmatch(traceparent.strip())
+    if found is None or found.group(1) == _NO_TRACE:
+        return None
+    return found.group(1)
+
+
+def record(
+    decision: Decision,
+    latency_s: float,
+    request_id: str,
+    now: float,
+    context: Context | None = None,
+) -> dict[str, Any]:
     rule, subject, claims, request = (
         decision.rule,
         decision.subject,
@@ -44,7 +83,28 @@ def record(decision: Decision, latency_s: float, request_id: str, now: float) ->
         "request_id": request_id[:MAX_REQUEST_ID] or None,
         "detail": decision.detail or None,
         "latency_ms": round(latency_s * 1000, 3),
+        "v": VERSION,
+        "decision_id": None,
+        "policy_revision": None,
+        "policy_generation": None,
+        "trace_id": None,
     }
+    if context is None:
+        return line
+    inp = context.inp
+    line["decision_id"] = context.decision_id or None
+    line["policy_revision"] = context.policy_revision
+    line["policy_generation"] = context.policy_generation
+    if inp is not None:
+        line["trace_id"] = trace_id(inp.headers.get("traceparent"))
+        if request is None:
+            # Denied before the request was read as a rule sees it: as it came, without the
+            # query (which may carry anything) and cut to a sane length.
+            line["method"] = inp.method[:16] or None
+            line["host"] = inp.host[:MAX_RAW_HOST] or None
+            line["path"] = inp.path.partition("?")[0][:MAX_RAW_PATH] or None
+        if line["caller"] is None:
+            line["caller"] = inp.principal or None
     return line
 
 
@@ -57,10 +117,17 @@ class DecisionLog:
         self._stream = stream
         self._dirty = False
 
-    def write(self, decision: Decision, latency_s: float, request_id: str, now: float) -> None:
+    def write(
+        self,
+        decision: Decision,
+        latency_s: float,
+        request_id: str,
+        now: float,
+        context: Context | None = None,
+    ) -> None:
         if self._stream is None:
             return
-        line = record(decision, latency_s, request_id, now)
+        line = record(decision, latency_s, request_id, now, context)
         # orjson: a twentieth of json.dumps's time for this line; UTF-8 kept as is.
         self._stream.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
         self._dirty = True

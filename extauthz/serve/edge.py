@@ -128,29 +128,35 @@ def _allow_parts(header: str, strip: tuple[str, ...], rule: str) -> tuple[bytes,
     return _text(1, header), removals, _entry("reason", Reason.ALLOWED.code) + _entry("rule", rule)
 
 
-def encode_response(decision: Decision) -> bytes:
-    """The CheckResponse for ``decision``, serialised."""
+def encode_response(decision: Decision, decision_id: str = "") -> bytes:
+    """The CheckResponse for ``decision``, serialised; ``decision_id`` goes into the dynamic
+    metadata when given."""
+    own = _entry("decision_id", decision_id) if decision_id else b""
     rule = decision.rule.id if decision.rule is not None else ""
     if decision.allowed and decision.token and not decision.shadow:
         key, removals, fixed = _allow_parts(decision.header, decision.strip_headers, rule)
         value = _header_value(decision)
         option = _field(1, key + _text(2, value)) + _APPEND_FALSE
         ok = _field(2, option) + removals
-        return _STATUS_OK + _field(3, ok) + _field(4, fixed + _minted_entries(decision))
+        return _STATUS_OK + _field(3, ok) + _field(4, fixed + _minted_entries(decision) + own)
     if decision.allowed and decision.passthrough and not decision.shadow:
         # An inner hop's Txn-Token goes on as received; the other credentials do not.
         _, removals, fixed = _allow_parts(decision.header, decision.strip_headers, rule)
-        return _STATUS_OK + _field(3, removals) + _field(4, fixed + _minted_entries(decision))
+        meta = fixed + _minted_entries(decision) + own
+        return _STATUS_OK + _field(3, removals) + _field(4, meta)
     if decision.shadow:
         # Shadow mode: the decision is logged, the request goes upstream as it came.
         meta = _entry("reason", decision.reason.code) + _entry("shadow", "true")
         if rule:
             meta += _entry("rule", rule)
-        return _STATUS_OK + _field(3, b"") + _field(4, meta + _minted_entries(decision))
+        return _STATUS_OK + _field(3, b"") + _field(4, meta + _minted_entries(decision) + own)
+    # A deny is encoded once per reason and rule; its id follows as a second dynamic_metadata
+    # field, which a protobuf parser merges into the first (Struct's fields are a map).
+    tail = _field(4, own) if own else b""
     if decision.allowed:
         # An allow without a token is a bug; never forward the broad credential because of it.
-        return encode_deny(Reason.INTERNAL_ERROR)
-    return encode_deny(decision.reason, rule)
+        return encode_deny(Reason.INTERNAL_ERROR) + tail
+    return encode_deny(decision.reason, rule) + tail
 
 
 def _minted_entries(decision: Decision) -> bytes:

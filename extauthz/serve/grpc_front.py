@@ -30,8 +30,8 @@ class GrpcEdge:
         http = request.attributes.request.http
         return str(http.headers.get("x-request-id") or http.id)
 
-    def respond(self, decision: Decision) -> bytes:
-        return edge.encode_response(decision)
+    def respond(self, decision: Decision, decision_id: str = "") -> bytes:
+        return edge.encode_response(decision, decision_id)
 
     def internal_error(self) -> bytes:
         return edge.encode_deny(Reason.INTERNAL_ERROR)

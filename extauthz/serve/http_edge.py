@@ -36,6 +36,7 @@ REASON_HEADER = "x-extauthz-reason"
 RULE_HEADER = "x-extauthz-rule"
 JTI_HEADER = "x-extauthz-jti"  # of the minted (or, in shadow mode, would-be) token
 TXN_HEADER = "x-extauthz-txn"
+DECISION_HEADER = "x-extauthz-decision"  # the decision's id, as in the decision log
 
 
 @dataclass(slots=True)
@@ -130,24 +131,42 @@ def _status_line(status: int) -> bytes:
     return f"HTTP/1.1 {status} {_PHRASES.get(status, 'Status')}\r\n".encode("ascii")
 
 
-def check_response(decision: Decision, head_only: bool = False) -> bytes:
+def check_response(decision: Decision, head_only: bool = False, decision_id: str = "") -> bytes:
     """The whole HTTP/1.1 response for ``decision``. ``head_only``: the check was a HEAD
-    request, whose answer carries no body."""
+    request, whose answer carries no body. ``decision_id`` goes into a header that Envoy
+    copies into its dynamic metadata."""
     rule = decision.rule.id if decision.rule else ""
+    own = _id_line(DECISION_HEADER, decision_id)
     if decision.shadow:
         # Shadow mode: logged, not enforced; the request goes upstream as it came.
-        return _shadow(decision.reason, rule) + _minted(decision) + b"\r\n"
+        return _shadow(decision.reason, rule) + _minted(decision) + own + b"\r\n"
     if decision.allowed and decision.passthrough:
         # An inner hop's Txn-Token goes on as received; the other credentials do not.
-        return _pass_parts(decision.strip_headers, rule) + _minted(decision) + b"\r\n"
+        return _pass_parts(decision.strip_headers, rule) + _minted(decision) + own + b"\r\n"
     if decision.allowed and decision.token:
         before, after = _allow_parts(decision.header, decision.strip_headers, rule)
         value = "Bearer " + decision.token if decision.header == "authorization" else decision.token
-        return before + value.encode("ascii") + b"\r\n" + _minted(decision) + after
+        return before + value.encode("ascii") + b"\r\n" + _minted(decision) + own + after
     if decision.allowed:
         # An allow without a token is a bug; never forward the broad credential because of it.
-        return deny_response(Reason.INTERNAL_ERROR, head_only=head_only)
-    return deny_response(decision.reason, rule, head_only)
+        return _with(deny_response(Reason.INTERNAL_ERROR, head_only=head_only), own)
+    return _with(deny_response(decision.reason, rule, head_only), own)
+
+
+def _with(response: bytes, line: bytes) -> bytes:
+    """``response`` with one more header line (a deny is encoded once per reason and rule)."""
+    if not line:
+        return response
+    end = response.index(b"\r\n\r\n") + 2
+    return response[:end] + line + response[end:]
+
+
+def _id_line(name: str, value: str) -> bytes:
+    # Only values that cannot end the header line (ours are base64url); anything else is
+    # left out rather than escaped.
+    if value and _TOKEN_ID.fullmatch(value):
+        return f"{name}: {value}\r\n".encode("ascii")
+    return b""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -182,14 +201,12 @@ def _minted(decision: Decision) -> bytes:
         claims = {"txn": decision.subject.txn}
     if claims is None:
         return b""
-    lines = []
+    out = b""
     for name, key in ((JTI_HEADER, "jti"), (TXN_HEADER, "txn")):
         value = claims.get(key)
-        # Only values that cannot end the header line (ours are base64url); anything else is
-        # left out rather than escaped.
-        if isinstance(value, str) and _TOKEN_ID.fullmatch(value):
-            lines.append(f"{name}: {value}\r\n")
-    return "".join(lines).encode("ascii")
+        if isinstance(value, str):
+            out += _id_line(name, value)
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -223,8 +240,8 @@ class HttpEdge:
     def request_id(self, request: HttpCheck) -> str:
         return request.headers.get("x-request-id", "")
 
-    def respond(self, decision: Decision) -> bytes:
-        return check_response(decision)
+    def respond(self, decision: Decision, decision_id: str = "") -> bytes:
+        return check_response(decision, decision_id=decision_id)
 
     def internal_error(self) -> bytes:
         return deny_response(Reason.INTERNAL_ERROR)
@@ -233,8 +250,8 @@ class HttpEdge:
 class HeadEdge(HttpEdge):
     """For HEAD checks: the same answers without a body."""
 
-    def respond(self, decision: Decision) -> bytes:
-        return check_response(decision, head_only=True)
+    def respond(self, decision: Decision, decision_id: str = "") -> bytes:
+        return check_response(decision, head_only=True, decision_id=decision_id)
 
     def internal_error(self) -> bytes:
         return deny_response(Reason.INTERNAL_ERROR, head_only=True)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -270,9 +271,9 @@ class Runtime:
             and current.issuer_keys == issuer_keys
         ):
             return
-        snapshot = assemble(loaded.policy, issuer_keys, order)
-        self.snapshot = snapshot
         self.generation += 1
+        snapshot = replace(assemble(loaded.policy, issuer_keys, order), generation=self.generation)
+        self.snapshot = snapshot
         self._install(snapshot)
         if current is None or current.policy is not loaded.policy:
             release_memory()

@@ -21,7 +21,7 @@ from extauthz.decision.model import Snapshot
 from extauthz.decision.pipeline import CheckInput, Decision, decide
 from extauthz.decision.reasons import Deny, Reason
 from extauthz.serve import metrics
-from extauthz.serve.decision_log import DecisionLog
+from extauthz.serve.decision_log import Context, DecisionLog
 
 __all__ = ["Edge", "Sidecar", "new_jti"]
 
@@ -41,7 +41,7 @@ class Edge(Protocol[RequestT, ResponseT]):
 
     def parse(self, request: RequestT) -> CheckInput | Deny: ...
     def request_id(self, request: RequestT) -> str: ...
-    def respond(self, decision: Decision) -> ResponseT: ...
+    def respond(self, decision: Decision, decision_id: str = "") -> ResponseT: ...
     def internal_error(self) -> ResponseT: ...
 
 
@@ -90,8 +90,12 @@ class Sidecar:
         started = time.perf_counter()
         now = self.clock()
         request_id = ""
+        # Its own id, in the log line and in Envoy's dynamic metadata (so its access log can
+        # carry it): one decision found from either side.
+        decision_id = secrets.token_urlsafe(12)
+        loaded = self._loaded
+        parsed: CheckInput | Deny | None = None
         try:
-            loaded = self._loaded
             parsed = edge.parse(request)
             if isinstance(parsed, Deny):
                 request_id = edge.request_id(request)  # a request refused before reading
@@ -102,7 +106,7 @@ class Sidecar:
             else:
                 request_id = parsed.request_id
                 decision = decide(parsed, loaded.snapshot, now, new_jti, loaded.cache)
-            response = edge.respond(decision)
+            response = edge.respond(decision, decision_id)
         except Exception:
             log.exception("internal error while deciding; denying")
             decision = Decision(Reason.INTERNAL_ERROR, "internal error")
@@ -115,7 +119,14 @@ class Sidecar:
             if issuer_id and self.on_unknown_kid is not None:
                 self.on_unknown_kid(issuer_id)
             metrics.TALLY.record(decision, elapsed)
-            self.decision_log.write(decision, elapsed, request_id, now)
+            snapshot = loaded.snapshot if loaded is not None else None
+            context = Context(
+                decision_id,
+                snapshot.policy.digest[:16] if snapshot is not None else None,
+                snapshot.generation if snapshot is not None else None,
+                parsed if isinstance(parsed, CheckInput) else None,
+            )
+            self.decision_log.write(decision, elapsed, request_id, now, context)
         except Exception:
             log.exception("recording the decision failed")
         return response
