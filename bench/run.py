@@ -31,11 +31,12 @@ from typing import Any
 from bench import SCHEMA
 from bench.inprocess import run_core, run_lint
 from bench.loadgen import wrk_binary, wrk_version
+from bench.review import run_review
 from bench.scenarios import Plan, run_servers
 from extauthz.demo.envoy import envoy_binary
 
-PARTS = ("core", "lint", "rss", "direct", "workers", "envoy", "fronts", "http_workers")
-IN_PROCESS = {"core", "lint"}
+PARTS = ("core", "lint", "review", "rss", "direct", "workers", "envoy", "fronts", "http_workers")
+IN_PROCESS = {"core", "lint", "review"}
 WRK_PARTS = {"fronts", "http_workers"}
 # The issues' targets: summary key -> (comparison, bound)
 TARGETS = {
@@ -47,6 +48,8 @@ TARGETS = {
     "core_p50_us_warm": ("<", 50.0),
     "workers2_vs_1": (">=", 1.4),
     "rss_mb_10k_rules": ("<", 150.0),
+    "review_lines_per_s": (">=", 200_000.0),
+    "review_rss_mb": ("<", 200.0),
     # through the same client-side Envoy + wrk and server-side Envoy, in one run
     "grpc_warm_vs_grpc_floor": (">=", 0.8),
     "grpc_cold_vs_grpc_floor": (">=", 0.6),
@@ -94,6 +97,9 @@ KEYS: dict[str, str] = {
     "rss_mb_10k_rules": "VmRSS MB of one worker with 10,000 rules and a full subject cache",
     "rss_mb_10k_rules_loaded": "VmRSS MB of one worker with 10,000 rules, once ready",
     "lint_2000_vs_200": "policy lint time, 2,000 rules over 200 rules, all on one host",
+    "review_lines_per_s": "extauthz review over a generated plain decision log (1,000,000 lines "
+    "in full and quick runs, against a 1,000-rule policy), lines per second in its child",
+    "review_rss_mb": "peak RSS of that review child, MB",
     "lint_s_2000_rules": "policy lint seconds, 2,000 rules on one host",
     "sign_es256_us": "p50 µs of signing the narrowed token alone",
     "verify_es256_us": "p50 µs of verifying a subject token's signature alone",
@@ -155,18 +161,21 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "full": {
         "core": {"sizes": (10, 1000, 10000), "warm": 5000, "cold": 1500, "rounds": 5},
         "lint": {"sizes": (200, 2000), "repeats": 5},
+        "review": {"lines": 1_000_000},
         "plan": Plan((8, 32, 64), (8, 32), repeats=5, warmup=0.5, duration=2.5, processes=2,
                      front_concurrency=(16, 48)),
     },
     "quick": {
         "core": {"sizes": (10, 1000, 10000), "warm": 2000, "cold": 400, "rounds": 3},
         "lint": {"sizes": (200, 2000), "repeats": 3},
+        "review": {"lines": 1_000_000},
         "plan": Plan((32,), (16,), repeats=1, warmup=0.5, duration=2.0, processes=2,
                      front_concurrency=(32,)),
     },
     "smoke": {  # lint below the sizes the summary compares: seconds whatever lint costs
         "core": {"sizes": (10, 100), "warm": 200, "cold": 30, "rounds": 1},
         "lint": {"sizes": (20, 200), "repeats": 1},
+        "review": {"lines": 2_000},
         "plan": None,
     },
 }  # fmt: skip
@@ -263,6 +272,10 @@ def measure(conf: dict[str, Any], parts: set[str], workdir: Path) -> dict[str, A
         log(f"lint: {' and '.join(map(str, conf['lint']['sizes']))} rules on one host")
         out["lint"] = run_lint(workdir=workdir, log=log, **conf["lint"])
         elapsed["lint"] = round(time.monotonic() - started, 1)
+    if "review" in parts:
+        log(f"review: {conf['review']['lines']:,} decision log lines")
+        out["review"] = run_review(workdir / "review", conf["review"]["lines"])
+        elapsed["review"] = round(time.monotonic() - started, 1)
     if plan is not None and parts - IN_PROCESS:
         servers = run_servers(parts, plan, workdir, log)
         elapsed |= servers.pop("elapsed_s_by_part")
@@ -297,6 +310,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "rss_mb_10k_rules": _get(result, "rss", "after_fill_mb"),
         "rss_mb_10k_rules_loaded": _get(result, "rss", "after_load_mb"),
         "lint_2000_vs_200": _get(result, "lint", "ratio_2000_vs_200"),
+        "review_lines_per_s": _get(result, "review", "review_lines_per_s"),
+        "review_rss_mb": _get(result, "review", "review_rss_mb"),
         "lint_s_2000_rules": _get(result, "lint", "sizes", "2000", "median_s"),
         "sign_es256_us": _get(result, "core", "es256", "sign", "p50_us"),
         "verify_es256_us": _get(result, "core", "es256", "verify", "p50_us"),
@@ -415,6 +430,9 @@ def draw_chart(path: Path, result: dict[str, Any]) -> bool:
         log("chart: skipped, matplotlib is not installed (pip install -e '.[bench]')")
         return False
     panels = chart_panels(result)
+    if not panels:
+        log("chart: skipped, the parts run have nothing to draw")
+        return False
     heights = [0.6 + 0.22 * len(bars) for bars in panels.values()]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, sum(heights) + 1), squeeze=False,
                              gridspec_kw={"height_ratios": heights})  # fmt: skip

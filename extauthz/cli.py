@@ -34,6 +34,7 @@ from extauthz.policy.loader import (
 )
 from extauthz.serve.address import is_loopback, split_address
 from extauthz.serve.edge import recorded_check_input
+from extauthz.tools import paths, review
 from extauthz.tools.diff import WIDENS, diff_policies
 from extauthz.tools.diff import render as render_diff
 from extauthz.tools.explain import explain
@@ -476,6 +477,8 @@ def parser() -> argparse.ArgumentParser:
     pdiff.add_argument("new", metavar="NEW")
     pdiff.add_argument("--format", choices=["text", "json"], default="text")
     pdiff.set_defaults(func=_policy_diff)
+    paths.add_parser(policy_sub)
+    review.add_parser(sub)
 
     exp = sub.add_parser("explain", help="trace one decision phase by phase")
     exp.add_argument("--policy", required=True)

@@ -473,3 +473,24 @@ def test_a_bound_parameter_sits_at_one_segment_of_valid_templates(
 def test_a_window_bound_is_rfc_3339_within_printable_years(active: dict[str, Any]) -> None:
     found = problems(k.policy_doc([tenant_rule(active=active)]))
     assert len(found) == 1 and found[0].startswith("active."), found
+
+
+def test_diff_calls_removing_a_rule_widening_when_an_overlapping_one_answers_instead() -> None:
+    general = k.rule_doc(
+        "portal-orders",
+        workloads=["spiffe://cluster.local/ns/shop/sa/*"],
+        host=ORDERS_HOST,
+        paths=["/v1/tenants/**"],
+        require=["orders.read"],
+        audience=k.PROFILE,
+        scopes=["orders.read"],
+    )
+    old = k.compile_doc(k.policy_doc([tenant_rule(), general]))
+    new = k.compile_doc(k.policy_doc([general]))
+    (change,) = diff_policies(old, new)
+    assert (change.effect, change.kind, change.rule) == (WIDENS, "rule-removed", "tenant-orders")
+    assert "portal-orders" in change.detail
+    alone = diff_policies(
+        k.compile_doc(k.policy_doc([tenant_rule()])), k.compile_doc(k.policy_doc([k.rule_doc()]))
+    )
+    assert {(c.effect, c.kind) for c in alone} >= {(NARROWS, "rule-removed")}

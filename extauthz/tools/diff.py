@@ -81,8 +81,18 @@ def diff_policies(
                 f"ttl {rule.grant.ttl}s",
             )
         )
+    # A removed rule's requests go to the rules that overlapped it, if any remain.
+    before: dict[str, set[str]] = {}
+    for a, b in overlapping_rules(old.table):
+        before.setdefault(a.id, set()).add(b.id)
+        before.setdefault(b.id, set()).add(a.id)
     for ident in sorted(old_rules.keys() - new_rules.keys()):
-        changes.append(Change(NARROWS, "rule-removed", ident, "no longer grants anything"))
+        heirs = sorted(before.get(ident, set()) & new_rules.keys())
+        if heirs:
+            detail = f"its requests may go to {', '.join(heirs)} instead"
+            changes.append(Change(WIDENS, "rule-removed", ident, detail))
+        else:
+            changes.append(Change(NARROWS, "rule-removed", ident, "no longer grants anything"))
     # Outside its window a rule does not match and another one may answer instead: a window
     # made smaller hands those requests to the rules that overlap it.
     overlaps: dict[str, set[str]] = {}
