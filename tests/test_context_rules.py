@@ -51,6 +51,20 @@ def tenant_rule(claims: dict[str, Any] | None = None, **extra: Any) -> dict[str,
     return rule
 
 
+def general_rule() -> dict[str, Any]:
+    """A less specific rule for every shop workload under /v1/tenants/: it overlaps
+    ``tenant_rule`` and answers where that one does not match."""
+    return k.rule_doc(
+        "portal-orders",
+        workloads=["spiffe://cluster.local/ns/shop/sa/*"],
+        host=ORDERS_HOST,
+        paths=["/v1/tenants/**"],
+        require=["orders.read"],
+        audience=k.PROFILE,
+        scopes=["orders.read"],
+    )
+
+
 def world(*rules: dict[str, Any]) -> k.World:
     return k.make_world(k.policy_doc(list(rules) or [tenant_rule()]), scope="orders.read")
 
@@ -229,15 +243,7 @@ def test_a_window_bounds_the_rule_and_its_tokens() -> None:
 def test_outside_its_window_a_rule_does_not_match_and_the_next_one_may() -> None:
     past = {"until": iso(k.NOW - 1)}
     specific = tenant_rule(active=past)
-    general = k.rule_doc(
-        "portal-orders",
-        workloads=["spiffe://cluster.local/ns/shop/sa/*"],
-        host=ORDERS_HOST,
-        paths=["/v1/tenants/**"],
-        require=["orders.read"],
-        audience=k.PROFILE,
-        scopes=["orders.read"],
-    )
+    general = general_rule()
     w = world(specific, general)
     k.allowed(ask(w), "portal-orders")
     # Without the general rule the same request names the rule that is over.
@@ -428,15 +434,7 @@ def test_a_shadow_rule_outside_its_window_shadows_nothing() -> None:
 
 
 def test_diff_calls_a_smaller_window_widening_when_another_rule_answers_instead() -> None:
-    general = k.rule_doc(
-        "portal-orders",
-        workloads=["spiffe://cluster.local/ns/shop/sa/*"],
-        host=ORDERS_HOST,
-        paths=["/v1/tenants/**"],
-        require=["orders.read"],
-        audience=k.PROFILE,
-        scopes=["orders.read"],
-    )
+    general = general_rule()
     old = k.compile_doc(k.policy_doc([tenant_rule(), general]))
     new = k.compile_doc(k.policy_doc([tenant_rule(active={"until": iso(k.NOW)}), general]))
     (change,) = diff_policies(old, new)
@@ -476,15 +474,7 @@ def test_a_window_bound_is_rfc_3339_within_printable_years(active: dict[str, Any
 
 
 def test_diff_calls_removing_a_rule_widening_when_an_overlapping_one_answers_instead() -> None:
-    general = k.rule_doc(
-        "portal-orders",
-        workloads=["spiffe://cluster.local/ns/shop/sa/*"],
-        host=ORDERS_HOST,
-        paths=["/v1/tenants/**"],
-        require=["orders.read"],
-        audience=k.PROFILE,
-        scopes=["orders.read"],
-    )
+    general = general_rule()
     old = k.compile_doc(k.policy_doc([tenant_rule(), general]))
     new = k.compile_doc(k.policy_doc([general]))
     (change,) = diff_policies(old, new)
