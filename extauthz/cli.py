@@ -112,7 +112,7 @@ def _serve_with(args: argparse.Namespace, supervising: bool) -> int:
         remote=remote,
     )
     try:
-        runtime.load_initial()
+        runtime.load_initial(strict=not args.retry_at_start)
     except PolicyError as exc:
         count = len(exc.problems)
         print(f"extauthz: cannot start: the policy has {count} problem(s):", file=sys.stderr)
@@ -170,6 +170,8 @@ def _worker_argv(args: argparse.Namespace, key_paths: list[Path]) -> list[str]:
     ]  # fmt: skip
     if args.no_decision_log:
         argv.append("--no-decision-log")
+    if args.retry_at_start:
+        argv.append("--retry-at-start")
     return argv
 
 
@@ -411,6 +413,12 @@ def parser() -> argparse.ArgumentParser:
         help="processes, 1 to 64; worker i listens on the gRPC port + i",
     )
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument(
+        "--retry-at-start",
+        action="store_true",
+        help="if the policy or keys cannot be loaded at start, run not ready and retry every "
+        "poll interval instead of exiting 2 (for pods: no crash loop)",
+    )
     serve.add_argument(
         "--subject-cache-size",
         type=_number(int, 0, 10_000_000),

@@ -42,8 +42,7 @@ from extauthz.demo.stack import (
     https_request,
     mtls_context,
 )
-from extauthz.policy.loader import write_private_key
-from extauthz.serve.runtime import read_inputs
+from extauthz.policy.loader import read_inputs, write_private_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -33,7 +33,6 @@ from opskit import (
     wait_for,
     write_key,
 )
-from prometheus_client import REGISTRY
 
 from extauthz.decision.jose import MAX_JWKS_BYTES, generate_signing_key, jwks_document
 from extauthz.decision.model import Policy
@@ -183,11 +182,8 @@ def run(scenario: Callable[[Harness], Awaitable[None]], harness: Harness) -> Non
     asyncio.run(main())
 
 
-def fetches(result: str) -> float:
-    value = REGISTRY.get_sample_value(
-        "extauthz_jwks_fetches_total", {"issuer": CORP, "result": result}
-    )
-    return value or 0.0
+def fetches(h: Harness, result: str) -> int:
+    return h.remote.fetches.get((CORP, result), 0)
 
 
 def test_stale_keys_kept_through_an_outage_and_the_retry_backs_off(
@@ -205,11 +201,11 @@ def test_stale_keys_kept_through_an_outage_and_the_retry_backs_off(
 
         # Down at the next scheduled refresh: the fetch fails, the keys we had stay.
         issuer.down()
-        failures = fetches("failure")
+        failures = fetches(h, "failure")
         await h.advance(REFRESH - 0.25)
-        assert fetches("failure") == failures and CORP not in h.remote.last_error
+        assert fetches(h, "failure") == failures and CORP not in h.remote.last_error
         await h.advance(0.25)
-        assert fetches("failure") == failures + 1
+        assert fetches(h, "failure") == failures + 1
         assert h.remote.last_error[CORP]
         assert h.kids() == [first.key.kid]
         assert h.outcome(first.token(now=time.time())) == (200, None)
@@ -218,17 +214,17 @@ def test_stale_keys_kept_through_an_outage_and_the_retry_backs_off(
 
         # Retries back off: 2 s after the first failure, 4 s after the second.
         await h.advance(2 * RETRY_MIN - 0.25)
-        assert fetches("failure") == failures + 1
+        assert fetches(h, "failure") == failures + 1
         await h.advance(0.25)
-        assert fetches("failure") == failures + 2
+        assert fetches(h, "failure") == failures + 2
         await h.advance(4 * RETRY_MIN - 0.25)
-        assert fetches("failure") == failures + 2
+        assert fetches(h, "failure") == failures + 2
 
         # Back, still with the same key: the retry succeeds and clears the error.
         issuer.up()
-        successes = fetches("success")
+        successes = fetches(h, "success")
         await h.advance(0.25)
-        assert fetches("success") == successes + 1
+        assert fetches(h, "success") == successes + 1
         assert CORP not in h.remote.last_error
         assert h.remote.last_success[CORP] == h.timers.wall()
         assert h.kids() == [first.key.kid]
@@ -293,21 +289,21 @@ def test_bad_documents_are_failed_fetches_and_the_keys_stay(
 
     async def scenario(h: Harness) -> None:
         await h.settle()
-        before = fetches("failure")
+        before = fetches(h, "failure")
 
         # A valid JWKS, padded past the size cap; fetched at once for the unknown kid.
         document = jwks_document([stranger.key]) | {"pad": "x" * MAX_JWKS_BYTES}
         issuer.body = json.dumps(document).encode()
         h.remote.unknown_kid(CORP)
         await h.settle()
-        assert fetches("failure") == before + 1
+        assert fetches(h, "failure") == before + 1
         assert "larger than" in h.remote.last_error[CORP]
         assert h.outcome(idp.token(now=time.time())) == (200, None)
 
         # Not JSON at all: the retry, 2 s later, fails too.
         issuer.body = b'{"keys": [ not json'
         await h.advance(2 * RETRY_MIN)
-        assert fetches("failure") == before + 2
+        assert fetches(h, "failure") == before + 2
         assert "JSON" in h.remote.last_error[CORP]
         assert h.kids() == [idp.key.kid]
         assert h.outcome(idp.token(now=time.time())) == (200, None)

@@ -7,8 +7,9 @@ import math
 import time
 from pathlib import Path
 
-from opskit import QUICK, RULE, Checker, Metrics, http_status, minted, write_key
+from opskit import QUICK, RULE, Checker, Metrics, http_status, minted, statusz, write_key
 
+from extauthz import __version__
 from extauthz.decision.jose import generate_signing_key
 from extauthz.demo.idp import Idp
 from extauthz.demo.stack import ISSUER, SidecarProcess
@@ -21,6 +22,7 @@ def test_metrics_after_scripted_checks(tmp_path: Path, example_policy_text: str)
     policy.write_text(example_policy_text)
     key = generate_signing_key()
     key_file = write_key(key, tmp_path / "signing-key.pem")
+    started_at = time.time()
     with SidecarProcess(policy, [key_file], tmp_path / "s", extra_args=QUICK) as sidecar:
         before = Metrics.scrape(sidecar.admin_port)
         checker = Checker(sidecar.grpc_port)
@@ -44,11 +46,21 @@ def test_metrics_after_scripted_checks(tmp_path: Path, example_policy_text: str)
         finally:
             checker.close()
         after = Metrics.scrape(sidecar.admin_port)
+        status = statusz(sidecar.admin_port)
 
-    assert before.matching("extauthz_decisions_total") == []
+    # Every series an alert reads exists from the start, at 0.
+    assert {s.value for s in before.matching("extauthz_decisions_total")} == {0}
+    started = {
+        (s.labels["decision"], s.labels["reason"], s.labels["rule"])
+        for s in before.matching("extauthz_decisions_total")
+    }
+    assert {("deny", "internal_error", ""), ("allow", "allowed", RULE)} <= started
+    assert before.matching("extauthz_tokens_minted_total", rule=RULE)[0].value == 0
+    assert before.matching("extauthz_cache_requests_total", result="hit")[0].value == 0
     decisions = {
         (s.labels["decision"], s.labels["reason"], s.labels["rule"]): s.value
         for s in after.matching("extauthz_decisions_total", shadow="false")
+        if s.value
     }
     assert decisions == {
         ("allow", "allowed", RULE): 3,
@@ -79,4 +91,15 @@ def test_metrics_after_scripted_checks(tmp_path: Path, example_policy_text: str)
     assert after.value("extauthz_signing_key_info", kid=key.kid, active="true") == 1
     assert after.value("extauthz_signing_key_info", active="true") == 1
     assert after.value("extauthz_ready") == 1
-    assert after.value("extauthz_reloads_total") == 0  # the first load is not a reload
+    # The first load of each input counts as one success; nothing failed.
+    for kind, issuer in (("policy", ""), ("signing_keys", ""), ("jwks", "corp-idp")):
+        labels = {"input": kind, "issuer": issuer}
+        assert after.value("extauthz_reloads_total", **labels, result="success") == 1
+        assert after.matching("extauthz_reloads_total", **labels, result="failure")[0].value == 0
+        assert after.value("extauthz_input_ok", **labels) == 1
+        stamp = after.value("extauthz_last_reload_success_timestamp_seconds", **labels)
+        assert started_at <= stamp <= time.time()
+    assert after.value("extauthz_policy_info", revision=status["policy"]["sha256"][:16]) == 1
+    (build,) = after.matching("extauthz_build_info")
+    assert build.labels["version"] == __version__ and build.labels["python"]
+    assert not [s for s in after.samples if "pid" in s.labels]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from extauthz.decision.jose import SigningKey, jwks_document
 from extauthz.serve import metrics
 from extauthz.serve.address import split_address
+from extauthz.serve.metrics import Collector
 
 __all__ = ["AdminServer", "Status"]
 
@@ -31,6 +32,10 @@ class Status(Protocol):
 
     def status(self) -> Mapping[str, object]:
         """The status document (JSON) served at ``/statusz``."""
+        ...
+
+    def collectors(self) -> Sequence[Collector]:
+        """What ``/metrics`` reports besides the process's own registry."""
         ...
 
 
@@ -73,7 +78,7 @@ class AdminServer:
                 return 503, "application/json", b'{"keys":[]}'
             return 200, "application/json", json.dumps(jwks_document(keys)).encode()
         if path == "/metrics":
-            body, ctype = metrics.render()
+            body, ctype = metrics.render(self._source.collectors())
             return 200, ctype, body
         if path == "/statusz":
             return 200, "application/json", json.dumps(self._source.status(), indent=2).encode()

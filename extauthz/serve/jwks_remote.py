@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from extauthz.decision.jose import MAX_JWKS_BYTES, IssuerKeys, parse_jwks
 from extauthz.decision.model import TrustedIssuer
 from extauthz.errors import KeyLoadError
-from extauthz.serve import metrics
 
 log = logging.getLogger("extauthz.jwks")
 UNKNOWN_KID_INTERVAL = 5.0  # seconds between refetches triggered by unknown kids
@@ -110,6 +109,8 @@ class RemoteJwks:
         self.keys: dict[str, IssuerKeys] = {}
         self.last_success: dict[str, float] = {}
         self.last_error: dict[str, str] = {}
+        # Fetch attempts by (issuer id, "success" | "failure"), from 0 for every URL issuer.
+        self.fetches: dict[tuple[str, str], int] = {}
         self._sources: dict[str, _Source] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
@@ -138,8 +139,13 @@ class RemoteJwks:
                 self.keys.pop(ident, None)
                 self.last_error.pop(ident, None)
                 self.last_success.pop(ident, None)
+            if new is None:
+                self.fetches.pop((ident, "success"), None)
+                self.fetches.pop((ident, "failure"), None)
         for ident, source in wanted.items():
             if ident not in self._sources:
+                for result in ("success", "failure"):
+                    self.fetches.setdefault((ident, result), 0)
                 self._sources[ident] = source
                 self._wake[ident] = asyncio.Event()
                 self._tasks[ident] = asyncio.create_task(self._run(ident, source))
@@ -172,6 +178,9 @@ class RemoteJwks:
         self._tasks.clear()
         self._sources.clear()
 
+    def _count(self, ident: str, result: str) -> None:
+        self.fetches[ident, result] = self.fetches.get((ident, result), 0) + 1
+
     async def _run(self, ident: str, source: _Source) -> None:
         failures = 0
         while True:
@@ -185,7 +194,7 @@ class RemoteJwks:
             except KeyLoadError as exc:
                 failures += 1
                 self.last_error[ident] = str(exc)
-                metrics.JWKS_FETCHES.labels(issuer=ident, result="failure").inc()
+                self._count(ident, "failure")
                 stale = "keeping the keys we had" if ident in self.keys else "no keys yet"
                 log.warning("JWKS fetch for issuer %s failed (%s): %s", ident, stale, exc)
                 wait = min(source.refresh, RETRY_MIN * 2 ** min(failures, 8))
@@ -193,7 +202,7 @@ class RemoteJwks:
                 failures = 0
                 self.last_error.pop(ident, None)
                 self.last_success[ident] = self._wall()
-                metrics.JWKS_FETCHES.labels(issuer=ident, result="success").inc()
+                self._count(ident, "success")
                 if self.keys.get(ident) != keys:
                     self.keys[ident] = keys
                     for on_change in self._subscribers:

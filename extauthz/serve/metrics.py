@@ -14,22 +14,34 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator
-from typing import Any
+import platform
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from extauthz import __version__
 from extauthz.decision.pipeline import Decision
+from extauthz.decision.reasons import Reason
+
+if TYPE_CHECKING:
+    from extauthz.serve.runtime import Runtime
+
+__all__ = ["Collector", "RuntimeCollector", "TALLY", "Tally", "mark_process_dead", "render"]
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
@@ -67,6 +79,17 @@ class Tally:
         # A worker's: latencies not yet observed, and the counts already published.
         self._latencies: list[float] | None = [] if shared else None
         self._published: dict[str, dict[Any, int]] = {"decisions": {}, "minted": {}, "cache": {}}
+        # Every series an alert may read starts at 0, so its first increase is seen.
+        for reason in Reason:
+            if reason is not Reason.ALLOWED:
+                self.decisions[("deny", reason.code, "", "false")] = 0
+
+    def expect(self, rules: Iterable[str], shadow: bool) -> None:
+        """A policy was loaded: its rules' allow and mint counts start at 0 too."""
+        flag = "true" if shadow else "false"
+        for rule in rules:
+            self.decisions.setdefault(("allow", Reason.ALLOWED.code, rule, flag), 0)
+            self.minted.setdefault(rule, 0)
 
     def record(self, decision: Decision, elapsed: float) -> None:
         rule = decision.rule.id if decision.rule is not None else ""
@@ -102,7 +125,8 @@ class Tally:
 
     def _news(self, name: str, counts: dict[Any, int]) -> list[tuple[Any, int]]:
         published = self._published[name]
-        news = [(k, n - published.get(k, 0)) for k, n in counts.items() if n != published.get(k, 0)]
+        # A key never published goes out even at 0: its series must exist from the start.
+        news = [(k, n - published.get(k, 0)) for k, n in counts.items() if published.get(k) != n]
         published.update((k, counts[k]) for k, _delta in news)
         return news
 
@@ -136,8 +160,7 @@ class TallyCollector(Collector):
             "extauthz_cache_requests", _CACHE_HELP, labels=["cache", "result"]
         )
         for result, count in tally.cache.items():
-            if count:
-                cache.add_metric(["subject", result], count)
+            cache.add_metric(["subject", result], count)
         yield cache
 
 
@@ -149,61 +172,120 @@ TALLY = Tally()
 if not MULTIPROCESS:
     REGISTRY.register(TallyCollector(TALLY))
 
-RELOADS = Counter(
-    "extauthz_reloads_total",
-    "Attempts to load changed policy, keys or JWKS files, by result (success, failure).",
-    ["result"],
-)
-JWKS_FETCHES = Counter(
-    "extauthz_jwks_fetches_total",
-    "Background fetches of issuer JWKS URLs, by issuer id and result (success, failure).",
-    ["issuer", "result"],
-)
-POLICY_GENERATION = Gauge(
-    "extauthz_policy_generation",
-    "How many snapshots (policy, keys, JWKS) this process has loaded; 0 before the first.",
-    multiprocess_mode="max",
-)
-POLICY_RULES = Gauge(
-    "extauthz_policy_rules", "Rules in the loaded policy.", multiprocess_mode="max"
-)
-SIGNING_KEYS = Gauge(
-    "extauthz_signing_key_info",
-    "Signing keys: 1 while published (active=true for the one that signs), 0 once not.",
-    ["kid", "active"],
-    multiprocess_mode="liveall",
-)
-READY = Gauge(
-    "extauthz_ready",
-    "1 while a policy and a signing key are loaded.",
-    multiprocess_mode="livemin",
-)
+
+class RuntimeCollector(Collector):
+    """The state of a Runtime's inputs and Snapshot, read at scrape time.
+
+    Only the process that serves ``/metrics`` reports these (with ``--workers``, the
+    supervisor, which loads the same files): a reload is counted once, not once per process,
+    and no gauge carries a ``pid``."""
+
+    def __init__(self, runtime: Runtime, ready: Callable[[], bool]) -> None:
+        self.runtime = runtime
+        self.ready = ready
+
+    def collect(self) -> Iterator[Metric]:
+        runtime = self.runtime
+        labels = ["input", "issuer"]
+        reloads = CounterMetricFamily(
+            "extauthz_reloads",
+            "Loads of each input (policy, signing_keys, jwks of an issuer; for a URL issuer its "
+            "fetches), the first one included, by result (success, failure).",
+            labels=[*labels, "result"],
+        )
+        ok = GaugeMetricFamily(
+            "extauthz_input_ok",
+            "1 while the latest load of the input succeeded, 0 while it fails (the last good "
+            "content stays in use).",
+            labels=labels,
+        )
+        stamp = GaugeMetricFamily(
+            "extauthz_last_reload_success_timestamp_seconds",
+            "Unix time of the input's last successful load.",
+            labels=labels,
+        )
+        for (kind, ident), state in runtime.input_states():
+            reloads.add_metric([kind, ident, "success"], state.successes)
+            reloads.add_metric([kind, ident, "failure"], state.failures)
+            ok.add_metric([kind, ident], 1 if state.ok else 0)
+            if state.last_success is not None:
+                stamp.add_metric([kind, ident], state.last_success)
+        yield from (reloads, ok, stamp)
+        fetches = CounterMetricFamily(
+            "extauthz_jwks_fetches",
+            "Background fetches of issuer JWKS URLs, by issuer id and result (success, failure).",
+            labels=["issuer", "result"],
+        )
+        for (ident, result), count in sorted(runtime.remote.fetches.items()):
+            fetches.add_metric([ident, result], count)
+        yield fetches
+        snap = runtime.snapshot
+        yield GaugeMetricFamily(
+            "extauthz_policy_generation",
+            "How many snapshots (policy, keys, JWKS) this process has loaded; 0 before the first.",
+            value=runtime.generation,
+        )
+        yield GaugeMetricFamily(
+            "extauthz_policy_rules",
+            "Rules in the policy in use.",
+            value=len(snap.policy.rules) if snap is not None else 0,
+        )
+        info = GaugeMetricFamily(
+            "extauthz_policy_info",
+            "1, labelled with the revision of the policy in use (the first 16 hex digits of "
+            "its sha256, as in the decision log).",
+            labels=["revision"],
+        )
+        if snap is not None:
+            info.add_metric([snap.policy.digest[:16]], 1)
+        yield info
+        keys = GaugeMetricFamily(
+            "extauthz_signing_key_info",
+            "1 for each published signing key; active=true for the one that signs.",
+            labels=["kid", "active"],
+        )
+        for index, key in enumerate(snap.signing_keys if snap is not None else ()):
+            keys.add_metric([key.kid, "true" if index == 0 else "false"], 1)
+        yield keys
+        yield GaugeMetricFamily(
+            "extauthz_ready",
+            "1 while checks are decided (a policy and a signing key are loaded; with "
+            "--workers, every worker SERVING too).",
+            value=1 if self.ready() else 0,
+        )
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text: this process's registry, or every worker's added up."""
+class BuildCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "extauthz_build_info",
+            "1, labelled with the extauthz version and the Python version running it.",
+            labels=["version", "python"],
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+
+
+class _Together:
+    def __init__(self, collectors: Sequence[Collector]) -> None:
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self.collectors:
+            yield from collector.collect()
+
+
+def render(extra: Sequence[Collector] = ()) -> tuple[bytes, str]:
+    """The exposition text: this process's registry (or, with workers, every worker's tally
+    added up), the build, and ``extra`` (the Runtime's state; the workers' processes)."""
+    base: Collector = REGISTRY
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
-
-
-_published: set[tuple[str, str]] = set()
-
-
-def set_signing_keys(kids: list[str]) -> None:
-    """``kids``: published key ids, the active one first. Keys no longer published (or no
-    longer active) drop to 0: multiprocess mode cannot remove a label set."""
-    current = {(kid, "true" if index == 0 else "false") for index, kid in enumerate(kids)}
-    for kid, active in _published - current:
-        SIGNING_KEYS.labels(kid=kid, active=active).set(0)
-    for kid, active in current:
-        SIGNING_KEYS.labels(kid=kid, active=active).set(1)
-    _published.clear()
-    _published.update(current)
+        base = CollectorRegistry()
+        multiprocess.MultiProcessCollector(base)  # type: ignore[no-untyped-call]
+    together = _Together([base, BuildCollector(), *extra])
+    return generate_latest(together), CONTENT_TYPE_LATEST
 
 
 def mark_process_dead(pid: int) -> None:

@@ -88,19 +88,30 @@ async def serve_single(
         raise
     reloader = asyncio.create_task(runtime.run(stop))
     flusher = asyncio.create_task(_flush_periodically(sidecar.decision_log))
+    tasks = [reloader, flusher]
+    if front is not None and not runtime.ready():  # --retry-at-start: SERVING once loaded
+        tasks.append(asyncio.create_task(_serving_once_ready(front, runtime)))
     await stop.wait()
+    for task in tasks[2:]:  # nothing may turn SERVING back on while draining
+        task.cancel()
     log.info(
         "stopping: NOT_SERVING for %.1fs, then up to %.1fs for in-flight checks", drain_delay, grace
     )
     await asyncio.gather(*(f.stop(grace, drain_delay) for f in (front, http) if f is not None))
     if admin is not None:
         await admin.stop()
-    for task in (reloader, flusher):
+    for task in tasks:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     sidecar.decision_log.flush()
     metrics.TALLY.publish()
+
+
+async def _serving_once_ready(front: GrpcFront, runtime: Runtime) -> None:
+    await runtime.until_ready()
+    await front.set_serving(True)
+    log.info("inputs loaded: SERVING")
 
 
 async def _flush_periodically(decision_log: DecisionLog) -> None:

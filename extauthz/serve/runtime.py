@@ -1,10 +1,14 @@
-"""Keeping the Snapshot current: hot reload of the policy, signing keys and issuer JWKS.
+"""Keeping the Snapshot current: hot reload of the policy, the signing keys and each issuer's JWKS,
+each on its own.
 
 Kubernetes updates a mounted ConfigMap or Secret by writing a new timestamped directory and
 renaming the ``..data`` symlink over to it, so a file's path stays the same while the file it
-resolves to changes. We poll: each tick stats every input by its resolved path; when anything
-differs we read and compile everything again in a worker thread, off the request path, and
-swap the Snapshot in one assignment. A bad update is logged and counted and changes nothing.
+resolves to changes. We poll: each tick stats every input by its resolved path; an input whose
+files differ is read again in a worker thread, off the request path, and the Snapshot is
+swapped in one assignment. The inputs are independent: the policy, the signing keys, and the
+JWKS file of each issuer. A bad update of one is logged and counted, keeps that input's last
+good content, and never holds back a good update of another (a compromised key removed from
+the Secret stops being published while the policy is broken, and the reverse).
 
 Which key signs: key files sorted by path; the last one signs once it has been published (seen
 by this process) for ``key_activation_delay`` seconds, the one before it until then. Keys
@@ -24,17 +28,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from extauthz.decision.jose import SigningKey
+from extauthz.decision.jose import IssuerKeys, SigningKey
 from extauthz.decision.model import Policy, Snapshot
 from extauthz.errors import ExtauthzError, KeyLoadError, PolicyError, Problem
 from extauthz.policy.compiler import load_policy
-from extauthz.policy.loader import Inputs, assemble, key_files, read_inputs
-from extauthz.serve import metrics
+from extauthz.policy.loader import assemble, key_files, load_jwks_file, load_signing_key
 from extauthz.serve.jwks_remote import RemoteJwks
+from extauthz.serve.metrics import Collector, RuntimeCollector
 
 log = logging.getLogger("extauthz.reload")
 FIRST_FETCH_WAIT = 10.0
@@ -87,6 +91,42 @@ def _stat(path: Path) -> tuple[Any, ...]:
         return (str(path), "missing", exc.errno)
 
 
+POLICY = ("policy", "")
+SIGNING_KEYS = ("signing_keys", "")
+Input = tuple[str, str]  # (kind, issuer id): ("policy", ""), ("signing_keys", ""), ("jwks", id)
+
+
+@dataclass(slots=True)
+class InputState:
+    """One input's loads so far: the admin port's status and metrics read these."""
+
+    successes: int = 0
+    failures: int = 0
+    last_success: float | None = None  # wall-clock time of the last successful load
+    error: str | None = None  # why the latest load failed; None once one succeeded
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.successes > 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """The outcome of reading one input: its value, or the error that stopped it."""
+
+    what: Input
+    value: object = None
+    error: ExtauthzError | None = None
+
+
+def _describe(exc: ExtauthzError) -> str:
+    if isinstance(exc, PolicyError):
+        return f"policy has {len(exc.problems)} problem(s): " + "; ".join(
+            str(p) for p in exc.problems[:5]
+        )
+    return str(exc)
+
+
 class Runtime:
     """Owns the current Snapshot of a Sidecar and keeps it in step with the files."""
 
@@ -111,44 +151,175 @@ class Runtime:
         self.dev_key = dev_key
         self.remote = remote or RemoteJwks()
         self.remote.subscribe(self._remote_changed)
-        self.loaded: Inputs | None = None
+        # The last good content of each input.
+        self.policy: Policy | None = None
+        self.signing: tuple[tuple[str, SigningKey], ...] | None = None
+        self.file_keys: dict[str, IssuerKeys] = {}
+        self.inputs: dict[Input, InputState] = {}
         self.snapshot: Snapshot | None = None
         self.generation = 0
-        self.last_error: str | None = None
         self.last_reload: float | None = None
-        self._fingerprint: tuple[Any, ...] | None = None
+        self._seen: dict[Input, tuple[Any, ...]] = {}
         self._first_seen: dict[str, float] = {}
         self._wake: asyncio.Event | None = None
+        self._served: asyncio.Event | None = None
 
-    # -- reading --
+    # -- what each input is made of, and reading it --
 
-    def _read(self) -> Inputs:
-        return read_inputs(
-            self.policy_path,
-            self.key_paths,
-            compile_policy=load_policy_isolated,
-            dev_key=self.dev_key,
-        )
-
-    def fingerprint(self) -> tuple[Any, ...]:
-        watched = [self.policy_path]
-        if self.loaded is not None:
-            watched += [i.jwks.file for i in self.loaded.policy.issuers.values() if i.jwks.file]
-        if self.dev_key is None:
-            watched += self.key_paths
+    def _watched(self, what: Input) -> list[Path]:
+        kind, ident = what
+        if kind == "policy":
+            return [self.policy_path]
+        if kind == "signing_keys":
+            if self.dev_key is not None:
+                return []
+            paths = list(self.key_paths)
             for path in self.key_paths:
                 if path.is_dir():
-                    watched += key_files([path])
-        return tuple(_stat(p) for p in watched)
+                    paths += key_files([path])
+            return paths
+        assert self.policy is not None
+        file = self.policy.issuers[ident].jwks.file
+        return [file] if file is not None else []
 
-    def load_initial(self) -> None:
-        """Load synchronously before serving; raise (and refuse to start) if anything is bad."""
-        self._fingerprint = self.fingerprint()
-        loaded = self._read()
-        for _path, key in loaded.signing:
-            self._first_seen.setdefault(key.kid, float("-inf"))
-        self._accept(loaded)
-        self._fingerprint = self.fingerprint()
+    def fingerprint(self, what: Input) -> tuple[Any, ...]:
+        return tuple(_stat(p) for p in self._watched(what))
+
+    def _load(self, what: Input) -> object:
+        kind, ident = what
+        if kind == "policy":
+            return load_policy_isolated(self.policy_path)
+        if kind == "signing_keys":
+            if self.dev_key is not None:
+                return (("(dev)", self.dev_key),)
+            files = key_files(self.key_paths)
+            if not files:
+                raise KeyLoadError(
+                    "no signing key file found in " + ", ".join(map(str, self.key_paths))
+                )
+            return tuple((str(path), load_signing_key(path)) for path in files)
+        assert self.policy is not None
+        file = self.policy.issuers[ident].jwks.file
+        assert file is not None
+        try:
+            return load_jwks_file(file)
+        except KeyLoadError as exc:
+            raise KeyLoadError(f"trusted issuer {ident}: {exc}") from exc
+
+    def _attempt(self, what: Input) -> _Read:
+        try:
+            return _Read(what, value=self._load(what))
+        except ExtauthzError as exc:
+            return _Read(what, error=exc)
+        except Exception as exc:  # noqa: BLE001 - a reload must never end the reload loop
+            log.exception("unexpected error while reading %s", what[0])
+            return _Read(what, error=KeyLoadError(f"unexpected {type(exc).__name__}"))
+
+    def _changed(self, what: Input, force: bool) -> bool:
+        fingerprint = self.fingerprint(what)
+        if not force and self._seen.get(what) == fingerprint:
+            return False
+        self._seen[what] = fingerprint
+        return True
+
+    def _file_issuers(self) -> list[Input]:
+        if self.policy is None:
+            return []
+        return [
+            ("jwks", ident)
+            for ident, issuer in sorted(self.policy.issuers.items())
+            if issuer.jwks.file is not None
+        ]
+
+    # -- loading --
+
+    def load_initial(self, *, strict: bool = True) -> None:
+        """Load synchronously before serving. ``strict``: raise (and refuse to start) if any
+        input is bad; otherwise log it, stay not ready, and let ``run`` keep trying."""
+        for read in self._read_changed(force=True):
+            if read.error is not None and strict:
+                raise read.error  # the caller says why, once
+            self._apply(read, first=True)
+        for read in self._read_jwks(force=True):
+            if read.error is not None and strict:
+                raise read.error
+            self._apply(read, first=True)
+        self._swap()
+
+    def _read_changed(self, force: bool, again: frozenset[Input] = frozenset()) -> list[_Read]:
+        """Read the policy and the signing keys if their files changed (or if ``force``, or
+        they are in ``again``). Runs in a worker thread."""
+        return [
+            self._attempt(what)
+            for what in (POLICY, SIGNING_KEYS)
+            if self._changed(what, force) or what in again
+        ]
+
+    def _read_jwks(self, force: bool) -> list[_Read]:
+        """Read the JWKS files, of the issuers of the policy as it is now, that changed.
+        Runs in a worker thread."""
+        return [self._attempt(w) for w in self._file_issuers() if self._changed(w, force)]
+
+    def _apply(self, read: _Read, *, first: bool = False) -> None:
+        """Take one input's new content, or count why it could not be taken."""
+        state = self.inputs.setdefault(read.what, InputState())
+        now = self.clock()
+        kind, ident = read.what
+        if read.error is not None:
+            state.failures += 1
+            error, state.error = state.error, _describe(read.error)
+            keeping = "keeping the last good one" if self._has(read.what) else "nothing loaded"
+            # A retry that fails the same way again is not news.
+            level = logging.ERROR if state.error != error else logging.DEBUG
+            log.log(level, "%s: load failed, %s: %s", _name(read.what), keeping, state.error)
+            return
+        state.successes += 1
+        state.error = None
+        state.last_success = now
+        if kind == "policy":
+            policy = read.value
+            assert isinstance(policy, Policy)
+            if self.policy is None or policy.digest != self.policy.digest:
+                self.policy = policy
+                self.last_reload = now
+                self._follow_issuers()
+        elif kind == "signing_keys":
+            signing = read.value
+            assert isinstance(signing, tuple)
+            if self.signing is None or _kids(signing) != _kids(self.signing):
+                for _path, key in signing:
+                    self._first_seen.setdefault(key.kid, float("-inf") if first else now)
+                live = {key.kid for _path, key in signing}
+                self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
+                self.signing = signing
+                self.last_reload = now
+        else:
+            keys = read.value
+            assert isinstance(keys, IssuerKeys)
+            if self.file_keys.get(ident) != keys:
+                self.file_keys[ident] = keys
+                self.last_reload = now
+
+    def _has(self, what: Input) -> bool:
+        kind, ident = what
+        if kind == "policy":
+            return self.policy is not None
+        if kind == "signing_keys":
+            return self.signing is not None
+        return ident in self.file_keys
+
+    def _follow_issuers(self) -> None:
+        """A new policy: forget the JWKS files of issuers it no longer has (or whose file
+        changed), so they are read afresh, and follow its URL issuers."""
+        assert self.policy is not None
+        wanted = set(self._file_issuers())
+        for what in [w for w in self.inputs if w[0] == "jwks" and w not in wanted]:
+            del self.inputs[what]
+        for what in [w for w in self._seen if w[0] == "jwks" and w not in wanted]:
+            del self._seen[what]
+        self.file_keys = {i: k for i, k in self.file_keys.items() if ("jwks", i) in wanted}
+        if self._wake is not None:
+            self.remote.configure(self.policy.issuers.values())
 
     # -- the loop --
 
@@ -156,8 +327,11 @@ class Runtime:
         """Begin fetching URL issuers' keys and wait (bounded) for the first fetch of each, so
         the process does not report SERVING while it could only answer key_unknown."""
         self._wake = asyncio.Event()
-        if self.loaded is not None:
-            self.remote.configure(self.loaded.policy.issuers.values())
+        self._served = asyncio.Event()
+        if self.snapshot is not None:
+            self._served.set()
+        if self.policy is not None:
+            self.remote.configure(self.policy.issuers.values())
             await self.remote.first_fetch(FIRST_FETCH_WAIT)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -184,67 +358,42 @@ class Runtime:
         self._wake.clear()
         return forced
 
+    async def until_ready(self) -> None:
+        """Return once a Snapshot is installed (at once if one is); after ``start``."""
+        assert self._served is not None
+        await self._served.wait()
+
     def request_reload(self) -> None:
         """SIGHUP: read everything again now, changed or not."""
         if self._wake is not None:
             self._wake.set()
 
     async def check(self, *, force: bool = False) -> None:
-        fingerprint = await asyncio.to_thread(self.fingerprint)
-        if force or fingerprint != self._fingerprint:
-            self._fingerprint = fingerprint
-            try:
-                loaded = await asyncio.to_thread(self._read)
-            except ExtauthzError as exc:
-                self._failed(exc)
-            except Exception as exc:  # noqa: BLE001 - a reload must never end the reload loop
-                log.exception("unexpected error while reloading")
-                self._failed(KeyLoadError(f"unexpected {type(exc).__name__} while reloading"))
-            else:
-                now = self.clock()
-                for _path, key in loaded.signing:
-                    self._first_seen.setdefault(key.kid, now)
-                self._accept(loaded)
-                # The policy may name other JWKS files now: watch those from here on.
-                self._fingerprint = await asyncio.to_thread(self.fingerprint)
-        else:
-            self._swap()  # a waiting key may have become due to sign
+        """One tick: read the inputs that changed, each on its own, and swap if any did. While
+        nothing is served, a policy or keys that never loaded are read again every tick."""
+        again = frozenset(
+            what for what in (POLICY, SIGNING_KEYS) if self.snapshot is None and not self._has(what)
+        )
+        for read in await asyncio.to_thread(self._read_changed, force, again):
+            self._apply(read)
+        for read in await asyncio.to_thread(self._read_jwks, force):
+            self._apply(read)
+        self._swap()  # also: a waiting key may have become due to sign
 
-    def _failed(self, exc: ExtauthzError) -> None:
-        if isinstance(exc, PolicyError):
-            message = f"policy has {len(exc.problems)} problem(s): " + "; ".join(
-                str(p) for p in exc.problems[:5]
-            )
-        else:
-            message = str(exc)
-        self.last_error = message
-        metrics.RELOADS.labels(result="failure").inc()
-        log.error("reload failed, keeping generation %d: %s", self.generation, message)
-
-    def _accept(self, loaded: Inputs) -> None:
-        if self.loaded is not None and loaded.digest == self.loaded.digest:
-            self.last_error = None  # back to the content that loaded: nothing is wrong now
-            self._swap()
-            return
-        self.loaded = loaded
-        self.last_error = None
-        self.last_reload = self.clock()
-        if self.generation > 0:
-            metrics.RELOADS.labels(result="success").inc()
-        live = {key.kid for _path, key in loaded.signing}
-        self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
-        if self._wake is not None:
-            self.remote.configure(loaded.policy.issuers.values())
-        self._swap()
+    @property
+    def last_error(self) -> str | None:
+        """Why the latest load of each failing input failed, or None if none is failing."""
+        errors = [f"{_name(w)}: {s.error}" for w, s in sorted(self.inputs.items()) if s.error]
+        return "; ".join(errors) or None
 
     def _remote_changed(self) -> None:
         self._swap()
 
     # -- composing the Snapshot --
 
-    def signing_order(self, loaded: Inputs) -> list[SigningKey]:
+    def signing_order(self, signing: Sequence[tuple[str, SigningKey]]) -> list[SigningKey]:
         """The active key first, then the rest in path order (all of them are published)."""
-        keys = [key for _path, key in loaded.signing]
+        keys = [key for _path, key in signing]
         now = self.clock()
         due = [
             k for k in keys if self._first_seen.get(k.kid, now) + self.key_activation_delay <= now
@@ -255,45 +404,42 @@ class Runtime:
         return [active, *(k for k in keys if k is not active)]
 
     def _swap(self) -> None:
-        loaded = self.loaded
-        if loaded is None:
+        policy, signing = self.policy, self.signing
+        if policy is None or signing is None:
             return
-        order = self.signing_order(loaded)
-        issuer_keys = dict(loaded.file_keys)
-        for ident, issuer in loaded.policy.issuers.items():
+        order = self.signing_order(signing)
+        issuer_keys = dict(self.file_keys)
+        for ident, issuer in policy.issuers.items():
             if issuer.jwks.url is not None and ident in self.remote.keys:
                 issuer_keys[ident] = self.remote.keys[ident]
         current = self.snapshot
         if (
             current is not None
-            and current.policy is loaded.policy
+            and current.policy is policy
             and [k.kid for k in current.signing_keys] == [k.kid for k in order]
             and current.issuer_keys == issuer_keys
         ):
             return
         self.generation += 1
-        snapshot = replace(assemble(loaded.policy, issuer_keys, order), generation=self.generation)
+        snapshot = replace(assemble(policy, issuer_keys, order), generation=self.generation)
         self.snapshot = snapshot
         self._install(snapshot)
-        if current is None or current.policy is not loaded.policy:
+        if self._served is not None:
+            self._served.set()
+        if current is None or current.policy is not policy:
             release_memory()
-        metrics.POLICY_GENERATION.set(self.generation)
-        metrics.POLICY_RULES.set(len(loaded.policy.rules))
-        metrics.set_signing_keys([k.kid for k in order])
-        metrics.READY.set(1)
         log.info(
             "generation %d: policy %s (%d rules, sha256 %s), signing kid %s, %d key(s) published",
             self.generation,
-            loaded.policy.source,
-            len(loaded.policy.rules),
-            loaded.policy.digest[:12],
+            policy.source,
+            len(policy.rules),
+            policy.digest[:12],
             order[0].kid,
             len(order),
         )
-        if not loaded.policy.rules and (current is None or current.policy is not loaded.policy):
+        if not policy.rules and (current is None or current.policy is not policy):
             log.warning(
-                "the policy %s has no rules: every request is denied (no_rule)",
-                loaded.policy.source,
+                "the policy %s has no rules: every request is denied (no_rule)", policy.source
             )
 
     # -- the admin port's Status --
@@ -305,6 +451,31 @@ class Runtime:
     def published_keys(self) -> tuple[SigningKey, ...]:
         """Every key of ours that verifiers should accept (the active one first)."""
         return self.snapshot.signing_keys if self.snapshot is not None else ()
+
+    def collectors(self) -> list[Collector]:
+        """What this process adds to ``/metrics``: the state of its inputs and Snapshot."""
+        return [RuntimeCollector(self, self.ready)]
+
+    def input_states(self) -> list[tuple[Input, InputState]]:
+        """Every input, URL issuers' JWKS included (their fetches are their loads)."""
+        out = sorted(self.inputs.items())
+        policy = self.policy
+        for ident in sorted(policy.issuers if policy is not None else ()):
+            if policy is None or policy.issuers[ident].jwks.url is None:
+                continue
+            fetches = self.remote.fetches
+            out.append(
+                (
+                    ("jwks", ident),
+                    InputState(
+                        successes=fetches.get((ident, "success"), 0),
+                        failures=fetches.get((ident, "failure"), 0),
+                        last_success=self.remote.last_success.get(ident),
+                        error=self.remote.last_error.get(ident),
+                    ),
+                )
+            )
+        return out
 
     def status(self) -> dict[str, object]:
         """The status document served at ``/statusz``."""
@@ -332,7 +503,26 @@ class Runtime:
             "signing_kid": snap.signing_key.kid if snap else None,
             "published_kids": [k.kid for k in snap.signing_keys] if snap else [],
             "issuers": issuers,
+            "inputs": [
+                {
+                    "input": kind,
+                    "issuer": ident,
+                    "ok": state.ok,
+                    "last_success": state.last_success,
+                    "error": state.error,
+                }
+                for (kind, ident), state in self.input_states()
+            ],
             "last_reload": self.last_reload,
             "last_reload_error": self.last_error,
             "pid": os.getpid(),
         }
+
+
+def _name(what: Input) -> str:
+    kind, ident = what
+    return {"policy": "policy", "signing_keys": "signing keys"}.get(kind, f"JWKS of {ident}")
+
+
+def _kids(signing: Sequence[tuple[str, SigningKey]]) -> list[tuple[str, str]]:
+    return [(path, key.kid) for path, key in signing]

@@ -79,6 +79,8 @@ class Sidecar:
 
     def install(self, snapshot: Snapshot | None) -> None:
         """Decide from ``snapshot`` from the next check on, with an empty subject cache."""
+        if snapshot is not None:
+            metrics.TALLY.expect((r.id for r in snapshot.policy.rules), snapshot.policy.shadow)
         self._loaded = (
             _Loaded(snapshot, LruSubjectCache(self.subject_cache_size))
             if snapshot is not None

@@ -16,20 +16,26 @@ it and accepts on it (no SO_REUSEPORT, so no other process can join the port).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from extauthz.decision.jose import SigningKey
 from extauthz.serve import metrics
 from extauthz.serve.address import is_loopback, split_address
 from extauthz.serve.admin import AdminServer
+from extauthz.serve.metrics import RuntimeCollector
 from extauthz.serve.process import run_until_signalled
 from extauthz.serve.runtime import Runtime
 
@@ -75,11 +81,48 @@ class Worker:
         self.pass_fds = pass_fds
         self.proc: subprocess.Popen[bytes] | None = None
         self.serving = False
+        self.restarts = 0
 
     def start(self) -> None:
         # stdout is inherited: each decision-log line is one write, well under PIPE_BUF.
         self.proc = subprocess.Popen(self.command, pass_fds=self.pass_fds)
         log.info("worker %d (pid %d) on %s", self.index, self.proc.pid, self.address)
+
+
+class WorkersCollector(Collector):
+    """Each worker's process metrics under a stable ``worker`` label (its index, or
+    ``supervisor``), whatever its pid; its restarts; whether it answers SERVING."""
+
+    def __init__(self, workers: Sequence[Worker]) -> None:
+        self.workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(
+            "extauthz_worker_restarts",
+            "Times a worker process exited unasked and was started again.",
+            labels=["worker"],
+        )
+        up = GaugeMetricFamily(
+            "extauthz_worker_up", "1 while the worker answers SERVING.", labels=["worker"]
+        )
+        processes: list[tuple[str, int]] = [("supervisor", os.getpid())]
+        for worker in self.workers:
+            label = str(worker.index)
+            restarts.add_metric([label], worker.restarts)
+            up.add_metric([label], 1 if worker.serving else 0)
+            if worker.proc is not None and worker.proc.poll() is None:
+                processes.append((label, worker.proc.pid))
+        yield from (restarts, up)
+        families: dict[str, Metric] = {}
+        for label, pid in processes:
+            collector = ProcessCollector(pid=functools.partial(int, pid), registry=None)
+            for family in collector.collect():
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "worker": label}, sample.value)
+        yield from families.values()
 
 
 class Supervisor:
@@ -118,6 +161,10 @@ class Supervisor:
         self.stopping = False
 
     # -- Status for the admin port --
+
+    def collectors(self) -> list[Collector]:
+        """The runtime's state (counted here once, not once per worker) and the workers'."""
+        return [RuntimeCollector(self.runtime, self.ready), WorkersCollector(self.workers)]
 
     def ready(self) -> bool:
         """Loaded here, and every worker SERVING."""
@@ -209,6 +256,7 @@ class Supervisor:
                     if self.stop_requested():  # SIGTERM came meanwhile: start nothing new
                         return
                     worker.start()
+                    worker.restarts += 1
                 try:
                     reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                     worker.serving = reply.status == health_pb2.HealthCheckResponse.SERVING
