@@ -66,10 +66,11 @@ KUSTOMIZATIONS = {
     "base": K8S / "base",
     "example": K8S / "overlays" / "example",
     "example-istio": K8S / "overlays" / "example-istio",
+    "progressive": K8S / "overlays" / "progressive",
     "envoy": ENVOY_DIR,
     "istio": ISTIO,
 }
-DEPLOYMENTS = ["base", "example", "example-istio"]
+DEPLOYMENTS = ["base", "example", "example-istio", "progressive"]
 
 SIDECAR = "extauthz"
 POLICY_CONFIGMAP = "extauthz-policy"
@@ -456,7 +457,8 @@ def test_sidecar_flags_mounts_and_loopback(name: str) -> None:
     # The policy: a file inside a directory-mounted ConfigMap.
     policy_dir = mount_path(spec, SIDECAR, "policy")
     assert Path(args["--policy"]).parent == Path(policy_dir)
-    assert volumes["policy"]["configMap"]["name"] == POLICY_CONFIGMAP
+    # Hot reload keeps the name; progressive rollout (and the bare base) adds a content hash.
+    assert volumes["policy"]["configMap"]["name"].startswith(POLICY_CONFIGMAP)
     # The signing keys: the whole Secret directory, owner and group only.
     assert args["--signing-key"] == mount_path(spec, SIDECAR, "signing-key")
     assert volumes["signing-key"]["secret"]["secretName"] == SIGNING_KEY_SECRET
