@@ -41,6 +41,7 @@ from extauthz.demo.envoy import Envoy, load_base_config, render_config
 from extauthz.demo.idp import Idp
 from extauthz.demo.pki import Pki, make_pki
 from extauthz.demo.stack import (
+    ISSUER,
     LOOPBACK,
     WORKLOADS,
     Response,
@@ -105,6 +106,16 @@ def policy_with_jwks_url(
     old = "jwks: {file: issuers/corp-idp.json}"
     assert old in policy_text
     return policy_text.replace(old, f"jwks: {{url: {url}, refresh: {refresh}, timeout: {timeout}}}")
+
+
+def write_policy(directory: Path, policy_text: str) -> tuple[Path, Idp]:
+    """``policy_text`` as ``directory/policy.yaml``, with the JWKS of a new corp-idp issuer
+    at ``directory/issuers/corp-idp.json`` where the example policy expects it."""
+    idp = Idp(ISSUER)
+    idp.write_jwks(directory / "issuers" / "corp-idp.json")
+    policy = directory / "policy.yaml"
+    policy.write_text(policy_text)
+    return policy, idp
 
 
 def write_key(key: SigningKey, path: Path) -> Path:

@@ -23,20 +23,12 @@ from opskit import (
     verifies,
     wait_for,
     write_key,
+    write_policy,
 )
 
 from extauthz.decision.jose import generate_signing_key, private_key_pem, thumbprint
-from extauthz.demo.idp import Idp
-from extauthz.demo.stack import ISSUER, SidecarProcess
+from extauthz.demo.stack import SidecarProcess
 from extauthz.policy.loader import load_signing_key
-
-
-def write_policy(directory: Path, policy_text: str) -> tuple[Path, Idp]:
-    idp = Idp(ISSUER)
-    idp.write_jwks(directory / "issuers" / "corp-idp.json")
-    policy = directory / "policy.yaml"
-    policy.write_text(policy_text)
-    return policy, idp
 
 
 class Verifier(threading.Thread):

@@ -23,33 +23,24 @@ from opskit import (
     AtomicDir,
     Checker,
     Metrics,
-    free_port_except,
-    free_port_pair,
     http_status,
     minted,
     published_jwks,
     statusz,
     wait_for,
     write_key,
+    write_policy,
 )
+from test_workers import start_workers
 
 from extauthz.decision.jose import generate_signing_key, private_key_pem
-from extauthz.demo.idp import Idp
-from extauthz.demo.stack import ISSUER, SidecarProcess, http_get
+from extauthz.demo.stack import SidecarProcess, http_get
 from extauthz.serve.runtime import Runtime
 
 POLL = 0.5
 FAST = ["--poll-interval", str(POLL), "--key-activation-delay", "0", *QUICK]
 # Within one poll interval, plus what a loaded machine adds to a process's tick.
 ONE_TICK = POLL + 2.0
-
-
-def write_policy(directory: Path, policy_text: str) -> tuple[Path, Idp]:
-    idp = Idp(ISSUER)
-    idp.write_jwks(directory / "issuers" / "corp-idp.json")
-    policy = directory / "policy.yaml"
-    policy.write_text(policy_text)
-    return policy, idp
 
 
 def published(admin: int) -> set[str]:
@@ -172,7 +163,7 @@ def test_retry_at_start_waits_not_ready_and_serves_once_the_inputs_load(
             keys.mkdir()
             write_key(generate_signing_key(), keys / "a.pem")
             wait_for(lambda: http_get(sidecar.admin_port, "/readyz")[0] == 200, 10, what="ready")
-            assert serving() == health_pb2.HealthCheckResponse.SERVING
+            wait_for(lambda: serving() == health_pb2.HealthCheckResponse.SERVING, 5, what="SERVING")
             assert http_status(checker.check(idp.token(now=time.time()))) == 200
         finally:
             checker.close()
@@ -200,18 +191,9 @@ def test_without_retry_at_start_a_broken_policy_still_exits_2(
 def test_workers_metrics_per_worker_once_per_reload_and_restarts(
     tmp_path: Path, example_policy_text: str
 ) -> None:
-    policy, _idp = write_policy(tmp_path, example_policy_text)
-    key = write_key(generate_signing_key(), tmp_path / "key.pem")
-    port = free_port_pair()
-    sidecar = SidecarProcess(
-        policy,
-        [key],
-        tmp_path / "s",
-        grpc_port=port,
-        admin_port=free_port_except([port, port + 1]),
-        extra_args=["--workers", "2", *FAST],
-    )
-    with sidecar:
+    running = start_workers(tmp_path, example_policy_text, FAST, "grpc")
+    policy, sidecar = running.sidecar.policy, running.sidecar
+    try:
         admin = sidecar.admin_port
         first = Metrics.scrape(admin)
         labels = {s.labels.get("worker") for s in first.matching("process_cpu_seconds_total")}
@@ -238,6 +220,8 @@ def test_workers_metrics_per_worker_once_per_reload_and_restarts(
         )
         wait_for(lambda: statusz(admin)["ready"], 15, what="the worker back")
         after = Metrics.scrape(admin)
+    finally:
+        sidecar.stop()
     (restarted,) = after.matching("process_start_time_seconds", worker="0")
     assert restarted.value > started.value
     assert after.value("extauthz_worker_restarts_total", worker="1") == 0
