@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import time
@@ -31,6 +32,7 @@ from opskit import (
     write_key,
     write_policy,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from test_workers import start_workers
 
 from extauthz.decision.jose import generate_signing_key, private_key_pem
@@ -286,3 +288,23 @@ def test_strict_start_raises_the_first_broken_input(
     # Policy and keys loaded: it serves, and the issuer without keys is denied (key_unknown).
     assert relaxed.ready()
     assert relaxed.snapshot is not None and "corp-idp" not in relaxed.snapshot.issuer_keys
+
+
+def test_every_exported_metric_is_documented(tmp_path: Path, example_policy_text: str) -> None:
+    """docs/operations.md's metrics table against a real scrape, both ways, with workers
+    (whose scrape has every family the single process has, and the workers' own)."""
+    table = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = table.split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(extauthz_\w+)` \|", section, re.MULTILINE))
+    running = start_workers(tmp_path, example_policy_text, FAST, "grpc")
+    try:
+        status, body = http_get(running.admin, "/metrics")
+    finally:
+        running.sidecar.stop()
+    assert status == 200
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(body.decode())
+        if family.name.startswith("extauthz_")
+    }
+    assert exported == documented
