@@ -649,12 +649,20 @@ def test_envoy_front_wiring_matches_the_pod() -> None:
     envoy_port = next(p for p in container(spec, "envoy")["ports"] if p["name"] == "https")
     assert listener["port_value"] == envoy_port["containerPort"]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
-    # Callers reach Envoy only: the Service and the NetworkPolicy both lead to its port.
+    # Callers reach Envoy only: the Service and the NetworkPolicy both lead to its ports (the
+    # mTLS listener, and the public one that serves the JWKS and metrics).
+    public = next(p for p in container(spec, "envoy")["ports"] if p["name"] == "http-public")
+    (public_listener,) = [
+        listener["address"]["socket_address"]
+        for listener in config["static_resources"]["listeners"]
+        if listener["name"] == "public"
+    ]
+    assert public_listener["port_value"] == public["containerPort"]
     service = one(docs, "Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["https"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["https", "http-public"]
     policy = one(docs, "NetworkPolicy")
     allowed = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
-    assert allowed == [envoy_port["containerPort"]]
+    assert allowed == [envoy_port["containerPort"], public["containerPort"]]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= (
         one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
     )
@@ -670,6 +678,8 @@ def move_sidecar_config(
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     address = config["static_resources"]["listeners"][0]["address"]["socket_address"]
     address.update(address="127.0.0.1", port_value=listen)
+    # The public listener (JWKS, metrics) is tested in tests/test_receiving.py.
+    config["static_resources"]["listeners"] = config["static_resources"]["listeners"][:1]
     for cluster in config["static_resources"]["clusters"]:
         ports = authz if cluster["name"] == "extauthz" else [upstream]
         template = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
