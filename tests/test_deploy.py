@@ -813,7 +813,8 @@ def test_istio_front_wiring_matches_the_pod() -> None:
     # The AuthorizationPolicy names the mesh config's provider.
     assert policy["action"] == "CUSTOM"
     assert policy["provider"]["name"] == provider["name"]
-    assert policy["rules"] == [{}]
+    # Every request but those to the public JWKS port (tests/test_receiving.py).
+    assert policy["rules"] == [{"to": [{"operation": {"notPorts": ["9090"]}}]}]
     # The provider points at the ServiceEntry, which points at the sidecar's gRPC address.
     assert entry["hosts"] == [grpc["service"]]
     (port,) = entry["ports"]
@@ -845,14 +846,15 @@ def test_istio_front_wiring_matches_the_pod() -> None:
         assert istio[kind]["spec"][key][inner].items() <= labels.items(), kind
     app = container(spec, "app")
     app_port = next(p["containerPort"] for p in app["ports"] if p["name"] == "http")
-    (ingress,) = istio["Sidecar"]["spec"]["ingress"]
+    (ingress,) = [i for i in istio["Sidecar"]["spec"]["ingress"] if i["port"]["name"] == "http"]
     assert ingress["defaultEndpoint"] == f"127.0.0.1:{app_port}"
     assert ingress["port"]["number"] == app_port
     service = one(docs, "Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", 9090]
     # The Istio resources of the overlay are the ones in deploy/istio.
     for kind in ("ServiceEntry", "AuthorizationPolicy", "PeerAuthentication", "Sidecar"):
-        assert one(docs, kind)["spec"] == istio[kind]["spec"], kind
+        name = istio[kind]["metadata"]["name"]
+        assert one(docs, kind, name)["spec"] == istio[kind]["spec"], kind
 
 
 # --- the container image --------------------------------------------------------------------

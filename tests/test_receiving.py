@@ -15,7 +15,9 @@ import hashlib
 import http.client
 import ipaddress
 import json
+import shutil
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -212,6 +214,61 @@ def test_receiving_istio_resources() -> None:
     assert source == {"source": {"requestPrincipals": [f"{rule['issuer']}/*"]}}
     (condition,) = allow["when"]
     assert condition == {"key": "request.auth.audiences", "values": rule["audiences"]}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on PATH")
+def test_istio_front_serves_the_jwks_on_the_public_port() -> None:
+    """Under Istio the same jwksUri works: the Service's public port leads through the proxy to
+    extauthz's admin address, only GET of the JWKS and metrics is let through, without the
+    extauthz check and with plain HTTP allowed (istiod has no mesh certificate)."""
+    rendered = subprocess.run(
+        [
+            "kubectl",
+            "kustomize",
+            str(ROOT / "deploy" / "kubernetes" / "overlays" / "example-istio"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+
+    def kind(name: str) -> list[dict[str, Any]]:
+        return [d for d in docs if d["kind"] == name]
+
+    (deployment,) = kind("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (extauthz,) = [c for c in pod["initContainers"] if c["name"] == "extauthz"]
+    args = extauthz["args"]
+    admin = next(
+        a.split("=", 1)[1] if "=" in a else args[i + 1]
+        for i, a in enumerate(args)
+        if a.startswith("--admin-address")
+    )
+    (service,) = kind("Service")
+    (public,) = [p for p in service["spec"]["ports"] if p["name"] == "http-public"]
+    (sidecar,) = kind("Sidecar")
+    (ingress,) = [i for i in sidecar["spec"]["ingress"] if i["port"]["number"] == 9090]
+    assert public["targetPort"] == ingress["port"]["number"] == 9090
+    assert ingress["defaultEndpoint"] == admin
+    assert ingress["port"]["protocol"] == "HTTP"
+    policies = {p["spec"]["action"]: p["spec"] for p in kind("AuthorizationPolicy")}
+    assert policies["CUSTOM"]["rules"] == [{"to": [{"operation": {"notPorts": ["9090"]}}]}]
+    deny = policies["DENY"]["rules"]
+    assert {"ports": ["9090"], "notPaths": ["/.well-known/jwks.json", "/metrics"]} in [
+        r["to"][0]["operation"] for r in deny
+    ]
+    assert {"ports": ["9090"], "notMethods": ["GET"]} in [r["to"][0]["operation"] for r in deny]
+    (peer,) = kind("PeerAuthentication")
+    assert peer["spec"]["mtls"]["mode"] == "STRICT"
+    assert peer["spec"]["portLevelMtls"] == {"9090": {"mode": "PERMISSIVE"}}
+    # The receiving side's jwksUri names this Service and port.
+    (rule,) = yaml.safe_load((RECEIVING_ISTIO / "requestauthentication.yaml").read_text())["spec"][
+        "jwtRules"
+    ]
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert rule["jwksUri"] == f"http://{host}:{public['port']}/.well-known/jwks.json"
 
 
 # --- through real processes ------------------------------------------------------------------
