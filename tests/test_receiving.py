@@ -10,6 +10,7 @@ Envoy fetches the exchange's JWKS through the public listener, across a signing 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import hashlib
 import http.client
@@ -362,6 +363,14 @@ def public_kids(port: int) -> set[str]:
 
 @pytest.fixture
 def stack(tmp_path: Path, pki: Pki) -> Iterator[Stack]:
+    with running(tmp_path, pki) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def running(tmp_path: Path, pki: Pki, *, cache_factor: float | None = None) -> Iterator[Stack]:
+    """The whole stack. The receiving JWKS cache is the shipped ratio of the activation
+    delay, or `cache_factor` times the delay for the control that shows the ratio matters."""
     idp = Idp("https://idp.example.com")
     policy_dir = tmp_path / "policy"
     (policy_dir / "issuers").mkdir(parents=True)
@@ -422,6 +431,8 @@ def stack(tmp_path: Path, pki: Pki) -> Iterator[Stack]:
         listen_on(receiving_config, "receiving", receiving_port)
         remote = jwt_provider(receiving_config)["remote_jwks"]
         ratio = seconds(remote["cache_duration"]) / DEFAULT_ACTIVATION_DELAY
+        if cache_factor is not None:
+            ratio = cache_factor
         remote["cache_duration"] = f"{ACTIVATION_DELAY * ratio}s"
         receiving_clusters = {
             c["name"]: c for c in receiving_config["static_resources"]["clusters"]
@@ -521,6 +532,28 @@ def test_tokens_minted_across_a_key_rotation_are_accepted(stack: Stack) -> None:
         log.count('public "GET /.well-known/jwks.json HTTP/1.1" 200 - upstream=extauthz-admin')
         >= fetched
     )
+
+
+@pytest.mark.envoy
+@pytest.mark.timeout(180)
+def test_a_cache_longer_than_the_activation_delay_refuses_the_new_key(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The control for the test above: with the JWKS cached for ten activation delays, the
+    receiving Envoy still holds the old key set when the new key starts signing."""
+    with running(tmp_path, pki, cache_factor=10.0) as stack:
+        before, _ = until_minted(stack)
+        assert stack.present(before) == 200
+        new_key = generate_signing_key()
+        write_private_key(new_key, stack.keys / "key-2.pem")
+
+        def signed_with_new_key() -> str | None:
+            token, _ = stack.mint()
+            return token if kid_of(token) == new_key.kid else None
+
+        after = wait_for(signed_with_new_key, "the new key to sign", timeout=ACTIVATION_DELAY * 4)
+        assert stack.present(after) == 401
+        assert stack.present(before) == 200
 
 
 @pytest.mark.envoy
