@@ -32,7 +32,7 @@ from extauthz.decision.jose import SigningKey
 from extauthz.decision.model import Policy, Snapshot
 from extauthz.errors import ExtauthzError, KeyLoadError, PolicyError, Problem
 from extauthz.policy.compiler import load_policy
-from extauthz.policy.loader import Inputs, assemble, key_files, read_inputs
+from extauthz.policy.loader import Inputs, assemble, key_files, policy_files, read_inputs
 from extauthz.serve import metrics
 from extauthz.serve.jwks_remote import RemoteJwks
 
@@ -49,9 +49,9 @@ ISOLATE_POLICY_BYTES = 256 * 1024
 
 def load_policy_isolated(path: Path) -> Policy:
     try:
-        size = path.stat().st_size
+        size = sum(file.stat().st_size for file in policy_files(path))
     except OSError:
-        size = 0
+        size = 0  # the compiler says what is wrong
     if size < ISOLATE_POLICY_BYTES:
         return load_policy(path)
     proc = subprocess.run(
