@@ -242,6 +242,9 @@ def compile_documents(
     rule_files = [shared, *(s for s in scopes if s is not shared)]
     order = tuple(s.source for s in rule_files)
     policy = _document(shared, rule_files, digest.hexdigest(), base_dir or Path("."), order)
+    # File by file, each in the order found: a team reads its own file's problems together.
+    rank = {file.name: index for index, file in enumerate(files)}
+    report.problems.sort(key=lambda problem: rank.get(problem.file, -1))
     if report.problems or policy is None:
         raise PolicyError(report.problems or [Problem(name, "", "", "empty policy")])
     return policy
@@ -585,11 +588,19 @@ def _trust_domain(scope: _Scope, token_type: str) -> str | None:
     meaningless in the other. Spelt as a SPIFFE trust domain (``prod.example.com``)."""
     if token_type != "transaction_token":
         if scope.has("trustDomain"):
-            scope.fail("trustDomain", "goes with tokenType transaction_token only")
+            scope.fail(
+                "trustDomain",
+                "goes with tokenType transaction_token only",
+                fix="remove `trustDomain`, or set tokenType: transaction_token",
+            )
         return None
     domain = scope.string("trustDomain")
     if domain is not None and ("/" in domain or parse_spiffe_id(f"spiffe://{domain}/x") is None):
-        scope.fail("trustDomain", f"{domain!r} is not a trust domain name like prod.example.com")
+        scope.fail(
+            "trustDomain",
+            f"{domain!r} is not a trust domain name like prod.example.com",
+            fix="write the trust domain alone, like prod.example.com",
+        )
         return None
     return domain
 
@@ -647,18 +658,34 @@ def _issuer(
         if not _ID.fullmatch(ident):
             scope.fail("id", "must be lower-case letters, digits, '.', '_' or '-'")
         elif ident == SELF_ISSUER_ID:
-            scope.fail("id", f"{SELF_ISSUER_ID!r} is reserved for the exchange itself")
+            scope.fail(
+                "id",
+                f"{SELF_ISSUER_ID!r} is reserved for the exchange itself",
+                fix="give the trusted issuer another id",
+            )
         elif ident in seen.ids:
-            scope.fail("id", "is used by another trusted issuer")
+            scope.fail(
+                "id",
+                "is used by another trusted issuer",
+                fix="give each trusted issuer an id of its own",
+            )
         seen.ids.add(ident)
     iss = scope.string("issuer")
     if iss is not None:
         if "*" in iss:
             scope.fail("issuer", "must be one exact issuer, no wildcards", code=_ISSUER_BROAD)
         if iss in seen.issuers:
-            scope.fail("issuer", "is listed twice")
+            scope.fail(
+                "issuer",
+                "is listed twice",
+                fix="keep one entry per issuer and merge what the two say",
+            )
         if exchange is not None and iss == exchange.issuer:
-            scope.fail("issuer", "is the exchange's own issuer")
+            scope.fail(
+                "issuer",
+                "is the exchange's own issuer",
+                fix="remove this entry: tokens we minted are recognised without it",
+            )
         seen.issuers.add(iss)
     jwks = _jwks(scope.mapping("jwks", required=True), base_dir)
     raw_types = scope.get("tokenTypes")
@@ -674,10 +701,19 @@ def _issuer(
         if alg not in SUPPORTED_ALGORITHMS:
             hint = ", ".join(sorted(SUPPORTED_ALGORITHMS))
             code = _WEAK_ALGORITHM if _is_weak_algorithm(alg) else _INVALID
-            scope.fail("algorithms", f"{alg!r} is not accepted (use: {hint})", code=code)
+            scope.fail(
+                "algorithms",
+                f"{alg!r} is not accepted (use: {hint})",
+                code=code,
+                fix="list only the asymmetric algorithms the issuer signs with, from those named",
+            )
     types = scope.strings("tokenTypes", required=False) or ["JWT", "at+jwt"]
     if service and any(normal_typ(t) != TXN_TYP for t in types):
-        scope.fail("tokenTypes", f"a transaction token service's tokenTypes is [{TXN_TYP}] only")
+        scope.fail(
+            "tokenTypes",
+            f"a transaction token service's tokenTypes is [{TXN_TYP}] only",
+            fix="write tokenTypes: [txntoken+jwt] for a transaction token service",
+        )
     if scope.count() != before or not (ident and iss and jwks and audiences and algorithms):
         return None
     return TrustedIssuer(
@@ -698,7 +734,11 @@ def _service_audiences(scope: _Scope, exchange: Exchange | None) -> list[str] | 
     if exchange is None:
         return None
     if not exchange.transaction_tokens or exchange.trust_domain is None:
-        scope.fail("tokenTypes", f"{TXN_TYP} goes with exchange.tokenType transaction_token")
+        scope.fail(
+            "tokenTypes",
+            f"{TXN_TYP} goes with exchange.tokenType transaction_token",
+            fix="set exchange.tokenType: transaction_token, or remove txntoken+jwt",
+        )
         return None
     audiences = scope.strings("audiences", required=False, missing=_AUDIENCES_MISSING)
     if audiences is not None and audiences != [exchange.trust_domain]:
@@ -718,11 +758,19 @@ def _jwks(scope: _Scope, base_dir: Path) -> JwksSource | None:
         return None
     scope.fields(("file", "url", "refresh", "timeout"))
     if scope.has("file") == scope.has("url"):
-        scope.fail("", "give exactly one of file or url")
+        scope.fail(
+            "",
+            "give exactly one of file or url",
+            fix="write jwks: {file: PATH} or jwks: {url: https://...}",
+        )
         return None
     if scope.has("file"):
         if scope.has("refresh") or scope.has("timeout"):
-            scope.fail("", "refresh and timeout go with url (files reload on change)")
+            scope.fail(
+                "",
+                "refresh and timeout go with url (files reload on change)",
+                fix="remove refresh and timeout from a jwks file",
+            )
         name = scope.string("file")
         return JwksSource(file=base_dir / name) if name is not None else None
     url = scope.string("url")
@@ -734,12 +782,20 @@ def _jwks(scope: _Scope, base_dir: Path) -> JwksSource | None:
         parsed = urlsplit(url)
         loopback = parsed.hostname in ("127.0.0.1", "::1", "localhost")
     except ValueError:
-        scope.fail("url", "is not a valid URL")
+        scope.fail(
+            "url",
+            "is not a valid URL",
+            fix="write the JWKS URL in full, like https://idp.example.com/jwks.json",
+        )
         return None
     if parsed.scheme != "https" and not (parsed.scheme == "http" and loopback):
         scope.fail("url", "must be https:// (http only on loopback)")
     if refresh < 10 or timeout > 30:
-        scope.fail("", "refresh must be at least 10s and timeout at most 30s")
+        scope.fail(
+            "",
+            "refresh must be at least 10s and timeout at most 30s",
+            fix="set refresh to 10s or more and timeout to 30s or less",
+        )
     return JwksSource(url=url, refresh=refresh, timeout=timeout)
 
 
@@ -766,7 +822,11 @@ def _workloads(found: _Scope) -> tuple[list[str] | None, list[str]]:
         else:
             for hop in raw:
                 if parse_spiffe_id(hop) is None:
-                    xfcc.fail("trustedHops", f"{hop!r} is not a SPIFFE ID")
+                    xfcc.fail(
+                        "trustedHops",
+                        f"{hop!r} is not a SPIFFE ID",
+                        fix="name each proxy by its full SPIFFE ID, spiffe://<domain>/<path>",
+                    )
             hops = [canonical_spiffe(h) for h in raw]
     return domains, hops
 
@@ -849,7 +909,11 @@ def _rule(scope: _Scope, known: _Known) -> Rule | None:
     window_scope = scope.mapping("active", required=False)
     window = _window(window_scope)
     if txn == "pass" and window_scope.node is not None:
-        scope.fail("active", "a passed Txn-Token keeps its own exp: use txnToken: replace")
+        scope.fail(
+            "active",
+            "a passed Txn-Token keeps its own exp: use txnToken: replace",
+            fix="remove `active`, or use txnToken: replace",
+        )
     grant_scope = scope.mapping("grant", required=True)
     grant = _grant(grant_scope, known)
     if ident is None or purpose is None or match.host is None or grant is None:
@@ -894,12 +958,20 @@ def _txn_mode(scope: _Scope, known: _Known, reexchange: bool) -> str:
     # other fields from repeating the same mistake.
     value = scope.get("txnToken")
     if txn_mode and reexchange:
-        scope.fail("reexchange", "is for access tokens; an inner hop's rule says txnToken")
+        scope.fail(
+            "reexchange",
+            "is for access tokens; an inner hop's rule says txnToken",
+            fix="remove reexchange and say txnToken: replace or pass",
+        )
         return "replace"
     if value is None:
         return ""
     if not txn_mode:
-        scope.fail("txnToken", "goes with exchange.tokenType transaction_token only")
+        scope.fail(
+            "txnToken",
+            "goes with exchange.tokenType transaction_token only",
+            fix="remove `txnToken`, or set exchange.tokenType: transaction_token",
+        )
         return ""
     if value not in ("replace", "pass"):
         scope.fail("txnToken", "must be replace or pass")
@@ -925,13 +997,19 @@ def _match(scope: _Scope, known: _Known, txn: str = "") -> _Match:
     methods = scope.strings("methods") or []
     for method in methods:
         if method not in METHODS:
-            scope.fail("methods", f"{method!r} is not an upper-case HTTP method")
+            scope.fail(
+                "methods",
+                f"{method!r} is not an upper-case HTTP method",
+                fix="write methods in upper case: GET, POST, PUT, ...",
+            )
     path_texts = scope.strings("paths") or []
     for text in path_texts:
         try:
             paths.parse_template(text)
         except ValueError as exc:
-            scope.fail("paths", f"{text!r}: {exc}")
+            scope.fail(
+                "paths", f"{text!r}: {exc}", fix="write a path template like /v1/orders/{id}"
+            )
     issuers = scope.strings("issuers") or []
     for iss in issuers:
         if known.broken_issuers is None or iss in known.broken_issuers:
@@ -939,9 +1017,17 @@ def _match(scope: _Scope, known: _Known, txn: str = "") -> _Match:
         if txn:
             if iss not in known.txn_sources:
                 hint = ", ".join(sorted(known.txn_sources))
-                scope.fail("issuers", f"{iss!r}: a txnToken rule takes Txn-Tokens of: {hint}")
+                scope.fail(
+                    "issuers",
+                    f"{iss!r}: a txnToken rule takes Txn-Tokens of: {hint}",
+                    fix="name one of the Txn-Token sources listed",
+                )
         elif iss in known.txn_sources - {SELF_ISSUER_ID}:
-            scope.fail("issuers", f"{iss!r} issues Txn-Tokens: only a txnToken rule takes them")
+            scope.fail(
+                "issuers",
+                f"{iss!r} issues Txn-Tokens: only a txnToken rule takes them",
+                fix="move this issuer to a rule with txnToken, or name a bearer-token issuer",
+            )
         elif iss not in known.issuer_ids:
             ids = ", ".join(sorted(known.issuer_ids)) or "none compiles"
             fix = f"name one of the trustedIssuers ids ({ids}), or add that issuer"
@@ -972,7 +1058,11 @@ def _claim_conditions(scope: _Scope, templates: list[str]) -> list[ClaimConditio
     for name, value in node.items():
         where = f"claims.{name}"
         if not isinstance(name, str) or not name.strip():
-            scope.fail("claims", "claim names are non-empty strings")
+            scope.fail(
+                "claims",
+                "claim names are non-empty strings",
+                fix="name each claim, like azp: web-shop",
+            )
             continue
         if isinstance(value, str) and _PARAM_REF.fullmatch(value):
             param = value[1:-1]
@@ -982,30 +1072,49 @@ def _claim_conditions(scope: _Scope, templates: list[str]) -> list[ClaimConditio
                     "claims",
                     f"{where}: {value} is not a parameter of every path template "
                     f"(not of {', '.join(missing)})",
+                    fix="bind the claim to a parameter every path template of the rule has",
                 )
                 continue
             clash = _param_clash(templates, param)
             if clash:
-                scope.fail("claims", f"{where}: {value} is ambiguous: {clash}")
+                scope.fail(
+                    "claims",
+                    f"{where}: {value} is ambiguous: {clash}",
+                    fix="put the parameter at the same segment of every path template",
+                )
                 continue
             out.append(ClaimCondition(name, "param", param=param))
         elif isinstance(value, dict):
             if set(value) != {"contains"} or not _scalar(value["contains"]):
-                scope.fail("claims", f"{where}: a mapping is {{contains: <value>}}")
+                scope.fail(
+                    "claims",
+                    f"{where}: a mapping is {{contains: <value>}}",
+                    fix="write {contains: VALUE}",
+                )
                 continue
             out.append(ClaimCondition(name, "contains", (value["contains"],)))
         elif isinstance(value, list):
             if not value or not all(_scalar(v) for v in value):
-                scope.fail("claims", f"{where}: a list holds strings, numbers or booleans")
+                scope.fail(
+                    "claims",
+                    f"{where}: a list holds strings, numbers or booleans",
+                    fix="list strings, numbers or booleans only",
+                )
                 continue
             if len({(type(v), v) for v in value}) != len(value):
-                scope.fail("claims", f"{where}: lists a value twice")
+                scope.fail(
+                    "claims", f"{where}: lists a value twice", fix="remove the repeated value"
+                )
                 continue
             out.append(ClaimCondition(name, "any", tuple(value)))
         elif _scalar(value):
             out.append(ClaimCondition(name, "equals", (value,)))
         else:
-            scope.fail("claims", f"{where}: must be a string, number, boolean, list or contains")
+            scope.fail(
+                "claims",
+                f"{where}: must be a string, number, boolean, list or contains",
+                fix='give a value, a list of values, "{param}" or {contains: value}',
+            )
     return out
 
 
@@ -1051,10 +1160,18 @@ def _window(scope: _Scope) -> tuple[int | None, int | None]:
         return None, None
     scope.fields(("from", "until"))
     if not scope.has("from") and not scope.has("until"):
-        scope.fail("", "give from, until or both")
+        scope.fail(
+            "",
+            "give from, until or both",
+            fix="write active: {until: 2027-01-31T00:00:00Z} (and from if it starts later)",
+        )
     for key in ("from", "until"):
         if scope.has(key) and scope.get(key) is None:
-            scope.fail(key, "is empty: give a time, or leave the key out")
+            scope.fail(
+                key,
+                "is empty: give a time, or leave the key out",
+                fix="give an RFC 3339 time, or remove the key",
+            )
     bounds = [_instant(scope, key) for key in ("from", "until")]
     start, end = bounds
     if start is not None and end is not None and end <= start:
@@ -1112,14 +1229,23 @@ def _grant(scope: _Scope, known: _Known) -> Grant | None:
         # token is minted for, and only that workload may present it at the next hop.
         problem = _workload_problem(canonical_spiffe(audience), known.trust_domains)
         if problem:
-            scope.fail("audience", f"names the workload the Txn-Token is for: {problem}")
+            scope.fail(
+                "audience",
+                f"names the workload the Txn-Token is for: {problem}",
+                fix="name the one workload the Txn-Token is for, by its SPIFFE ID",
+            )
         audience = canonical_spiffe(audience)
     granted = scope.strings("scopes") or []
     _check_scopes(scope, "scopes", granted)
     # A grant without a ttl has no lifetime of its own to cap.
     ttl = scope.duration("ttl", None, missing=_TTL)
     if ttl is not None and exchange is not None and ttl > exchange.max_ttl:
-        scope.fail("ttl", f"{ttl}s exceeds exchange.maxTtl ({exchange.max_ttl}s)", code=_TTL)
+        scope.fail(
+            "ttl",
+            f"{ttl}s exceeds exchange.maxTtl ({exchange.max_ttl}s)",
+            code=_TTL,
+            fix="lower the ttl, or raise exchange.maxTtl (at most 3600s)",
+        )
     if audience is None or ttl is None or not granted:
         return None
     return Grant(audience, frozenset(granted), ttl)
@@ -1128,9 +1254,18 @@ def _grant(scope: _Scope, known: _Known) -> Grant | None:
 def _check_scopes(scope: _Scope, key: str, values: list[str]) -> None:
     for value in values:
         if not _SCOPE.fullmatch(value):
-            scope.fail(key, f"{value!r} is not a valid scope token")
+            scope.fail(
+                key,
+                f"{value!r} is not a valid scope token",
+                fix="write scopes as single words without spaces, quotes or backslashes",
+            )
         elif value == "*" or value.endswith("*"):
-            scope.fail(key, f"{value!r}: scopes are exact, no wildcards", code=_SCOPES)
+            scope.fail(
+                key,
+                f"{value!r}: scopes are exact, no wildcards",
+                code=_SCOPES,
+                fix="list the exact scopes the downstream checks",
+            )
 
 
 def _lines(scope: _Scope, keys: tuple[str, ...]) -> dict[str, int]:
