@@ -67,6 +67,7 @@ KUSTOMIZATIONS = {
     "base": K8S / "base",
     "example": K8S / "overlays" / "example",
     "example-istio": K8S / "overlays" / "example-istio",
+    "multi-team": K8S / "overlays" / "multi-team",
     "envoy": ENVOY_DIR,
     "istio": ISTIO,
 }

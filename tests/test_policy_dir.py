@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from clikit import in_process
 
 from bench.fixtures import policy_files as bench_policy_files
@@ -402,3 +405,47 @@ def test_a_bad_owners_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = in_process("policy", "diff", "--owners", owners, old, old)
     assert result.returncode == 2
     assert result.stderr == (f"extauthz: {owners}:1: expected a file glob and at least one owner\n")
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
+def test_the_multi_team_overlay_projects_one_configmap_per_team_into_one_policy(
+    tmp_path: Path,
+) -> None:
+    overlay = ROOT / "deploy" / "kubernetes" / "overlays" / "multi-team"
+    rendered = subprocess.run(
+        [str(KUBECTL), "kustomize", str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    docs: list[dict[str, Any]] = [d for d in yaml.safe_load_all(rendered) if d]
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "policy"]
+    assert "configMap" not in volume
+    # Lay the projected volume out as the kubelet would, and compile it as serve would.
+    mount = tmp_path / "policy"
+    for source in volume["projected"]["sources"]:
+        data = maps[source["configMap"]["name"]]["data"]
+        items = source["configMap"].get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            (mount / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+            (mount / item["path"]).write_text(data[item["key"]], encoding="utf-8")
+    (sidecar,) = [c for c in pod["initContainers"] if c["name"] == "extauthz"]
+    assert "--policy=/etc/extauthz/policy" in sidecar["args"]
+    policy = load_policy(mount)
+    assert sorted(r.id for r in policy.rules) == sorted(r.id for r in load_policy(EXAMPLE).rules)
+    assert {Path(r.file).name for r in policy.rules} == {"team-orders.yaml", "team-checkout.yaml"}
+    assert "extauthz-policy" not in maps
+    # Each team's Role may change its own ConfigMap only, named.
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
+    for team in ("team-orders", "team-checkout"):
+        (rule,) = roles[f"extauthz-policy-{team}"]["rules"]
+        assert rule["resources"] == ["configmaps"]
+        assert rule["resourceNames"] == [f"extauthz-policy-{team}"]
+        assert set(rule["verbs"]) <= {"get", "update", "patch"}
