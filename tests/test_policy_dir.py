@@ -15,10 +15,11 @@ import yaml
 from clikit import in_process
 
 from bench.fixtures import policy_files as bench_policy_files
+from extauthz.decision.jose import generate_signing_key
 from extauthz.errors import PolicyError
 from extauthz.policy import sources
 from extauthz.policy.compiler import load_policy, read_policy_text
-from extauthz.policy.loader import policy_files
+from extauthz.policy.loader import policy_files, read_inputs, write_private_key
 from extauthz.serve.decision_log import record
 from extauthz.serve.runtime import load_policy_isolated
 from extauthz.tools.simulate import SimRequest, Simulator
@@ -449,3 +450,14 @@ def test_the_multi_team_overlay_projects_one_configmap_per_team_into_one_policy(
         assert rule["resources"] == ["configmaps"]
         assert rule["resourceNames"] == [f"extauthz-policy-{team}"]
         assert set(rule["verbs"]) <= {"get", "update", "patch"}
+
+
+def test_serve_reads_a_directory_with_its_keys_as_it_reads_a_file(tmp_path: Path) -> None:
+    directory = team_dir(tmp_path / "p")
+    key = tmp_path / "key.pem"
+    write_private_key(generate_signing_key(), key)
+    inputs = read_inputs(directory, [key], compile_policy=load_policy_isolated)
+    assert len(inputs.policy.rules) == 3 and set(inputs.file_keys) == {"corp-idp"}
+    (directory / "checkout.yaml").write_text("rules: []\n", encoding="utf-8")
+    again = read_inputs(directory, [key], compile_policy=load_policy_isolated)
+    assert again.digest != inputs.digest and len(again.policy.rules) == 2
