@@ -75,6 +75,9 @@ def test_a_directory_compiles_to_the_same_table_as_the_one_file(tmp_path: Path) 
         "corp-idp",
     )
     assert found is not None and found.id == "checkout-charge-payment"
+    # The revision is of the files' names and texts, not of where they are mounted.
+    elsewhere = shutil.copytree(directory, tmp_path / "mounted" / "elsewhere")
+    assert load_policy(elsewhere).digest == policy.digest
     # The JWKS path is relative to the directory, as it is to a single file's directory.
     assert policy.issuers["corp-idp"].jwks.file == directory / "issuers" / "corp-idp.json"
 

@@ -224,9 +224,12 @@ def compile_documents(
     for scope in scopes:
         if scope is not shared:
             _rules_file(scope, shared)
+    # Over each file's name in the directory (not where it is mounted) and text: the same
+    # files give the same revision in CI and in the pod.
     digest = hashlib.sha256()
     for file in files:
-        digest.update(f"{file.name}\0{len(file.text)}\0".encode() + file.text.encode("utf-8"))
+        text = file.text.encode("utf-8")
+        digest.update(f"{Path(file.name).name}\0{len(text)}\0".encode() + text)
     if shared is None:
         report.problems.append(
             Problem(
