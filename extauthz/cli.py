@@ -35,7 +35,7 @@ from extauthz.policy.loader import (
 from extauthz.serve.address import is_loopback, split_address
 from extauthz.serve.edge import recorded_check_input
 from extauthz.tools import paths, review
-from extauthz.tools.diff import WIDENS, diff_policies
+from extauthz.tools.diff import WIDENS, OwnersError, diff_policies, load_owners
 from extauthz.tools.diff import render as render_diff
 from extauthz.tools.explain import explain
 from extauthz.tools.explain import render as render_explanation
@@ -50,6 +50,11 @@ from extauthz.tools.lint import (
 from extauthz.tools.policytest import load_cases, run_cases
 from extauthz.tools.policytest import render as render_cases
 from extauthz.tools.simulate import SimRequest, Simulator
+
+POLICY_HELP = (
+    "policy YAML file, or a directory of them (one file with the shared sections, the others "
+    "rules only; a mounted ConfigMap works)"
+)
 
 # The serving modules that count metrics are imported inside the commands that use them: with
 # ``--workers`` the supervisor must set PROMETHEUS_MULTIPROC_DIR before prometheus_client is
@@ -235,7 +240,11 @@ def _policy_diff(args: argparse.Namespace) -> int:
     except ExtauthzError as exc:
         print(f"extauthz: {exc}", file=sys.stderr)
         return 2
-    changes = diff_policies(old, new, keys)
+    try:
+        owners = load_owners(Path(args.owners)) if args.owners else None
+    except OwnersError as exc:
+        return _fail(str(exc))
+    changes = diff_policies(old, new, keys, owners)
     print(render_diff(changes, args.format))
     return 3 if any(c.effect == WIDENS for c in changes) else 0
 
@@ -384,7 +393,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the ext_authz gRPC server")
-    serve.add_argument("--policy", required=True, help="policy YAML file")
+    serve.add_argument("--policy", required=True, help=POLICY_HELP)
     serve.add_argument(
         "--signing-key",
         action="append",
@@ -463,7 +472,7 @@ def parser() -> argparse.ArgumentParser:
     policy = sub.add_parser("policy", help="lint, test and diff policies")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
     lint = policy_sub.add_parser("lint", help="report what widens the blast radius of tokens")
-    lint.add_argument("files", nargs="+", metavar="FILE")
+    lint.add_argument("files", nargs="+", metavar="POLICY", help=POLICY_HELP)
     lint.add_argument("--strict", action="store_true", help="warnings fail too")
     lint.add_argument(
         "--max-window-days",
@@ -474,22 +483,28 @@ def parser() -> argparse.ArgumentParser:
     lint.add_argument("--format", choices=["text", "json"], default="text")
     lint.set_defaults(func=_policy_lint)
     ptest = policy_sub.add_parser("test", help="run reviewed cases against a policy")
-    ptest.add_argument("policy", metavar="POLICY")
+    ptest.add_argument("policy", metavar="POLICY", help=POLICY_HELP)
     ptest.add_argument("cases", nargs="+", metavar="CASES")
     ptest.add_argument(
         "--require-coverage", action="store_true", help="fail when a rule is reached by no case"
     )
     ptest.set_defaults(func=_policy_test)
     pdiff = policy_sub.add_parser("diff", help="what a change does to grants; exit 3 if it widens")
-    pdiff.add_argument("old", metavar="OLD")
-    pdiff.add_argument("new", metavar="NEW")
+    pdiff.add_argument("old", metavar="OLD", help=POLICY_HELP)
+    pdiff.add_argument("new", metavar="NEW", help=POLICY_HELP)
     pdiff.add_argument("--format", choices=["text", "json"], default="text")
+    pdiff.add_argument(
+        "--owners",
+        metavar="FILE",
+        help="who owns which policy file: 'glob owner...' lines, the last match wins "
+        "(docs/policy.md); each change shows its file's owners",
+    )
     pdiff.set_defaults(func=_policy_diff)
     paths.add_parser(policy_sub)
     review.add_parser(sub)
 
     exp = sub.add_parser("explain", help="trace one decision phase by phase")
-    exp.add_argument("--policy", required=True)
+    exp.add_argument("--policy", required=True, help=POLICY_HELP)
     exp.add_argument("--request", metavar="REQ.json", help="a CheckRequest in protobuf JSON")
     exp.add_argument(
         "--signing-key", action="append", metavar="FILE", help="to recognise re-exchanged tokens"

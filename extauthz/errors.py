@@ -25,6 +25,7 @@ class Problem:
     message: str
     line: int | None = None
     code: str = "invalid-policy"  # the lint check id this problem belongs to
+    fix: str = ""  # how to correct this kind of problem, one line ("" : the check id's fix)
 
     def __str__(self) -> str:
         loc = self.file if self.line is None else f"{self.file}:{self.line}"

@@ -26,6 +26,7 @@ V1_FIELDS = {
     "scopes", "jti", "txn", "method", "host", "path", "request_id", "detail", "latency_ms",
 }  # fmt: skip
 V2_FIELDS = {"v", "decision_id", "policy_revision", "policy_generation", "trace_id"}
+V2_FIELDS |= {"rule_file"}
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
 

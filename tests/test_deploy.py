@@ -68,6 +68,7 @@ KUSTOMIZATIONS = {
     "example": K8S / "overlays" / "example",
     "example-istio": K8S / "overlays" / "example-istio",
     "progressive": K8S / "overlays" / "progressive",
+    "multi-team": K8S / "overlays" / "multi-team",
     "envoy": ENVOY_DIR,
     "istio": ISTIO,
 }

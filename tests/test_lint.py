@@ -1074,7 +1074,9 @@ def test_a_policy_that_lints_clean_loads(tmp_path: Path) -> None:
 def test_too_large_is_said_so_not_linted_cut_off(tmp_path: Path) -> None:
     policy = _example_with(tmp_path, EXAMPLE.read_text() + "#" * (MAX_POLICY_BYTES + 1))
     findings = lint_file(policy)
-    assert [f.message for f in findings] == [f"larger than {MAX_POLICY_BYTES} bytes"]
+    assert [f.message for f in findings] == [
+        f"larger than {MAX_POLICY_BYTES:,} bytes, the limit of one policy file"
+    ]
 
 
 def test_no_rules_is_a_warning(tmp_path: Path) -> None:

@@ -186,10 +186,18 @@ class Rule:
     line: int | None = field(default=None, compare=False)
     # "grant.ttl" -> line, for tools that point at a field (lint, explain)
     field_lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+    # The policy file the rule is written in (one of several when the policy is a directory).
+    file: str = field(default="", compare=False)
 
     def line_of(self, fieldpath: str) -> int | None:
         """The document line of a field ("grant.ttl"), else of the entry."""
         return self.field_lines.get(fieldpath, self.line)
+
+    def located(self) -> str:
+        """``file:line`` of the rule, as far as it is known."""
+        if self.line is None:
+            return self.file
+        return f"{self.file}:{self.line}" if self.file else f"line {self.line}"
 
     def active_at(self, now: float) -> bool:
         """Whether ``now`` is inside the rule's window (always, without one)."""
@@ -340,6 +348,8 @@ class Policy:
     table: RuleTable
     shadow: bool = False  # the whole policy in shadow mode: decide and log, enforce nothing
     windows: bool = False  # whether any rule has an active window
+    # The files compiled, the one with the shared sections first (just ``source`` for a file).
+    files: tuple[str, ...] = ()
 
     def find_rule(
         self, host: str, method: str, segments: paths.Segments, caller: str, issuer_id: str

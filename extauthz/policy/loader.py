@@ -27,6 +27,7 @@ from extauthz.decision.jose import (
 from extauthz.decision.model import Policy, Snapshot
 from extauthz.errors import KeyLoadError
 from extauthz.policy.compiler import load_policy
+from extauthz.policy.sources import policy_files
 
 __all__ = [
     "Inputs",
@@ -36,6 +37,7 @@ __all__ = [
     "load_jwks_file",
     "load_signing_key",
     "own_keys",
+    "policy_files",
     "read_inputs",
     "write_private_key",
 ]

@@ -63,7 +63,7 @@ def _place(leaf: Leaf, rule: Rule, workload: str, iss: str, method: str) -> Over
                 rule,
                 other,
                 "match",
-                f"overlaps rule {other.id!r} on {method} {leaf.template} for {workload} "
+                f"overlaps {_named(other)} on {method} {leaf.template} for {workload} "
                 f"with issuer {iss!r}; make them disjoint",
             )
         leaf.exact[(workload, iss)] = rule
@@ -79,12 +79,19 @@ def _place(leaf: Leaf, rule: Rule, workload: str, iss: str, method: str) -> Over
                 rule,
                 other,
                 "match.workloads",
-                f"{workload!r} overlaps {other_pattern.text!r} of rule {other.id!r} on "
+                f"{workload!r} overlaps {other_pattern.text!r} of {_named(other)} on "
                 f"{method} {leaf.template} with issuer {iss!r}, equally specific; "
                 "make them disjoint",
             )
     leaf.patterns.append((pattern, iss, rule))
     return None
+
+
+def _named(rule: Rule) -> str:
+    """``rule 'a' (team-a.yaml:12)``: the other rule of an overlap, and where it is written
+    (in a policy directory, often another file than the rule reported)."""
+    where = rule.located()
+    return f"rule {rule.id!r} ({where})" if where else f"rule {rule.id!r}"
 
 
 def _leaf_for(root: Node, template: paths.Template) -> Leaf:

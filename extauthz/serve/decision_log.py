@@ -69,6 +69,7 @@ def record(
         "shadow": decision.shadow,
         "reason": decision.reason.code,
         "rule": rule.id if rule else None,
+        "rule_file": rule.file or None if rule else None,
         "purpose": rule.purpose if rule else None,
         "caller": decision.caller,
         "sub": subject.sub if subject else None,

@@ -36,7 +36,13 @@ from extauthz.decision.jose import IssuerKeys, SigningKey
 from extauthz.decision.model import Policy, Snapshot
 from extauthz.errors import ExtauthzError, KeyLoadError, PolicyError, Problem
 from extauthz.policy.compiler import load_policy
-from extauthz.policy.loader import assemble, key_files, load_jwks_file, load_signing_key
+from extauthz.policy.loader import (
+    assemble,
+    key_files,
+    load_jwks_file,
+    load_signing_key,
+    policy_files,
+)
 from extauthz.serve.jwks_remote import RemoteJwks
 from extauthz.serve.metrics import Collector, RuntimeCollector
 
@@ -53,9 +59,9 @@ ISOLATE_POLICY_BYTES = 256 * 1024
 
 def load_policy_isolated(path: Path) -> Policy:
     try:
-        size = path.stat().st_size
+        size = sum(file.stat().st_size for file in policy_files(path))
     except OSError:
-        size = 0
+        size = 0  # the compiler says what is wrong
     if size < ISOLATE_POLICY_BYTES:
         return load_policy(path)
     proc = subprocess.run(
@@ -169,7 +175,8 @@ class Runtime:
     def _watched(self, what: Input) -> list[Path]:
         kind, ident = what
         if kind == "policy":
-            return [self.policy_path]
+            # A directory's files one by one: one edited in place changes no directory mtime.
+            return [self.policy_path, *policy_files(self.policy_path)]
         if kind == "signing_keys":
             if self.dev_key is not None:
                 return []

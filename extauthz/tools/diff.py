@@ -3,21 +3,38 @@
 Rules are compared by id. Every change is classified: widening (someone can get a token they
 could not, or a token that does more or lives longer), narrowing, or neutral. A review gate
 fails the change when anything widens.
+
+For a policy directory each change names the file it is in (the new rule's, the old one's for
+a removal, the shared file's for the shared sections), and with an owners file (``Owners``:
+``glob owner...`` lines, the last matching line wins, as in CODEOWNERS) who owns that file, so
+a review gate can ask the right team.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from extauthz.decision.jose import IssuerKeys
 from extauthz.decision.model import ClaimCondition, Policy, Rule, TrustedIssuer
 from extauthz.policy.table import overlapping_rules
 
-__all__ = ["NARROWS", "NEUTRAL", "WIDENS", "Change", "diff_policies", "render"]
+__all__ = [
+    "NARROWS",
+    "NEUTRAL",
+    "WIDENS",
+    "Change",
+    "Owners",
+    "OwnersError",
+    "diff_policies",
+    "load_owners",
+    "render",
+]
 
 WIDENS, NARROWS, NEUTRAL = "widens", "narrows", "neutral"
 
@@ -30,36 +47,125 @@ class Change:
     kind: str  # stable: rule-added, scopes-added, ttl-raised, ...
     rule: str | None
     detail: str
+    file: str | None = None  # the file of a policy directory the change is in
+    owners: tuple[str, ...] = ()  # who owns that file (``Owners``)
 
     def render(self) -> str:
         """One line for a reviewer."""
         mark = {WIDENS: "WIDENS ", NARROWS: "narrows", NEUTRAL: "       "}[self.effect]
         subject = f"rule {self.rule}: " if self.rule else ""
-        return f"{mark}  {self.kind}: {subject}{self.detail}"
+        where = ""
+        if self.file is not None:
+            where = f"  [{self.file}" + (
+                f"; owners {' '.join(self.owners)}]" if self.owners else "]"
+            )
+        return f"{mark}  {self.kind}: {subject}{self.detail}{where}"
 
     def to_json(self) -> dict[str, Any]:
-        """The change as a JSON object."""
-        return asdict(self)
+        """The change as a JSON object (``file`` and ``owners`` for a policy directory)."""
+        doc = asdict(self)
+        if self.file is None:
+            del doc["file"], doc["owners"]
+        else:
+            doc["owners"] = list(self.owners)
+        return doc
+
+
+class OwnersError(ValueError):
+    """An owners file that cannot be read or has a line that is not ``glob owner...``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Owners:
+    """Who owns which file of a policy directory: ``(glob, owners)`` in file order; a file's
+    owners are those of the last glob that matches its name (as in CODEOWNERS)."""
+
+    entries: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def of(self, file: str) -> tuple[str, ...]:
+        """The owners of ``file`` (matched by its name inside the policy directory)."""
+        name = Path(file).name
+        found: tuple[str, ...] = ()
+        for glob, owners in self.entries:
+            if fnmatch.fnmatchcase(name, glob):
+                found = owners
+        return found
+
+
+def load_owners(path: Path) -> Owners:
+    """Parse an owners file: one ``glob owner [owner...]`` per line, ``#`` comments."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OwnersError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) < 2:
+            raise OwnersError(f"{path}:{number}: expected a file glob and at least one owner")
+        entries.append((words[0], tuple(words[1:])))
+    return Owners(tuple(entries))
 
 
 def render(changes: Sequence[Change], output: str = "text") -> str:
-    """The report ``policy diff`` prints: one line per change and a verdict, or JSON."""
+    """The report ``policy diff`` prints: one line per change and a verdict, and for a policy
+    directory the files changed with their owners; or JSON."""
     widens = [c for c in changes if c.effect == WIDENS]
+    files = _by_file(changes)
     if output == "json":
-        doc = {"changes": [c.to_json() for c in changes], "widens": bool(widens)}
+        doc: dict[str, Any] = {"changes": [c.to_json() for c in changes], "widens": bool(widens)}
+        if files:
+            doc["files"] = files
         return json.dumps(doc, indent=2)
     lines = [change.render() for change in changes]
     if not changes:
         lines.append("no change to what the policy grants")
     elif widens:
         lines.append(f"{len(widens)} change(s) WIDEN what the policy grants")
+    for file, summary in files.items():
+        owners = " ".join(summary["owners"]) or "no owner"
+        verdict = "widens" if summary["widens"] else "does not widen"
+        lines.append(f"file {file}: {summary['changes']} change(s), {verdict}; owners: {owners}")
     return "\n".join(lines)
+
+
+def _by_file(changes: Sequence[Change]) -> dict[str, dict[str, Any]]:
+    files: dict[str, dict[str, Any]] = {}
+    for change in changes:
+        if change.file is None:
+            continue
+        summary = files.setdefault(
+            change.file, {"owners": list(change.owners), "changes": 0, "widens": False}
+        )
+        summary["changes"] += 1
+        summary["widens"] = summary["widens"] or change.effect == WIDENS
+    return dict(sorted(files.items()))
+
+
+def _located(
+    changes: list[Change], old: Policy, new: Policy, owners: Owners | None
+) -> list[Change]:
+    """Each change with its file, when either policy is a directory (several files)."""
+    if len(old.files) <= 1 and len(new.files) <= 1 and owners is None:
+        return changes
+    old_rules = {r.id: r for r in old.rules}
+    new_rules = {r.id: r for r in new.rules}
+    shared = new.files[0] if new.files else new.source
+    out = []
+    for change in changes:
+        rule = new_rules.get(change.rule or "") or old_rules.get(change.rule or "")
+        file = rule.file if rule is not None and rule.file else shared
+        out.append(replace(change, file=file, owners=owners.of(file) if owners else ()))
+    return out
 
 
 def diff_policies(
     old: Policy,
     new: Policy,
     keys: tuple[Mapping[str, IssuerKeys], Mapping[str, IssuerKeys]] | None = None,
+    owners: Owners | None = None,
 ) -> list[Change]:
     """Every change from ``old`` to ``new``, rules compared by id. With ``keys`` (each
     policy's issuer keys loaded from its JWKS files), a key added to a trusted issuer widens
@@ -102,7 +208,10 @@ def diff_policies(
     for ident in sorted(old_rules.keys() & new_rules.keys()):
         others = sorted(overlaps.get(ident, ()))
         changes.extend(_rule(old_rules[ident], new_rules[ident], others))
-    return changes
+        was, now = Path(old_rules[ident].file).name, Path(new_rules[ident].file).name
+        if was != now and len(old.files) > 1 and len(new.files) > 1:
+            changes.append(Change(NEUTRAL, "rule-moved", ident, f"from {was} to {now}"))
+    return _located(changes, old, new, owners)
 
 
 def _sets(

@@ -23,10 +23,12 @@ from typing import Any
 from extauthz.decision.identity import parse_spiffe_id
 from extauthz.decision.model import Policy, Rule, TrustedIssuer
 from extauthz.errors import KeyLoadError, PolicyError
-from extauthz.policy import yamlsrc
+from extauthz.policy import sources, yamlsrc
 from extauthz.policy.compiler import (
     compile_document,
+    compile_documents,
     parse_document,
+    parse_sources,
     read_policy_text,
 )
 from extauthz.policy.loader import load_issuer_keys
@@ -141,14 +143,17 @@ def lint_file(path: Path, options: LintOptions | None = None) -> list[Finding]:
     """Lint one policy file as ``serve`` loads it: the same reader (size limit, UTF-8), the
     same compiler, and the JWKS files it names read and parsed. Raises ``UnreadablePolicy``
     when the file cannot be opened."""
-    try:
-        text = read_policy_text(path)
-    except PolicyError as exc:
-        if not path.is_file():
-            reason = exc.problems[0].message.removeprefix("cannot read: ")
-            raise UnreadablePolicy(f"{path}: {reason}") from exc
-        return _compile_findings(exc)
-    findings, policy = _lint(text, str(path), path.parent, options or LintOptions())
+    if path.is_dir():
+        findings, policy = _lint_dir(path, options or LintOptions())
+    else:
+        try:
+            text = read_policy_text(path)
+        except PolicyError as exc:
+            if not path.is_file():
+                reason = exc.problems[0].message.removeprefix("cannot read: ")
+                raise UnreadablePolicy(f"{path}: {reason}") from exc
+            return _compile_findings(exc)
+        findings, policy = _lint(text, str(path), path.parent, options or LintOptions())
     if policy is None:
         return findings
     try:
@@ -159,7 +164,7 @@ def lint_file(path: Path, options: LintOptions | None = None) -> list[Finding]:
             Finding(
                 ERROR,
                 "invalid-policy",
-                str(path),
+                _shared_file(policy),
                 None,
                 None,
                 "trustedIssuers",
@@ -191,13 +196,31 @@ def _lint(
         policy = compile_document(raw, text, source=source, base_dir=base_dir)
     except PolicyError as exc:
         return _compile_findings(exc), None
+    return _checked(policy, raw, options), policy
+
+
+def _checked(policy: Policy, raw: Any, options: LintOptions) -> list[Finding]:
     findings: list[Finding] = []
     for check in CHECKS:
         findings.extend(check(policy, raw))
     findings.extend(rule_windows(policy, options))
     order = {ERROR: 0, WARNING: 1, INFO: 2}
-    findings.sort(key=lambda f: (order[f.severity], f.line or 0, f.check))
-    return findings, policy
+    files = {name: index for index, name in enumerate(sorted(policy.files))}
+    findings.sort(key=lambda f: (order[f.severity], files.get(f.file, 0), f.line or 0, f.check))
+    return findings
+
+
+def _lint_dir(path: Path, options: LintOptions) -> tuple[list[Finding], Policy | None]:
+    """A policy directory as ``serve`` loads it: its files read within the limits, parsed
+    once, compiled as one policy; the checks read the shared file's document."""
+    try:
+        files = sources.read(path)
+        docs = parse_sources(files)
+        policy = compile_documents(files, docs, name=str(path), base_dir=path)
+    except PolicyError as exc:
+        return _compile_findings(exc), None
+    raw = next(doc for file, doc in zip(files, docs, strict=True) if file.name == policy.files[0])
+    return _checked(policy, raw, options), policy
 
 
 def _compile_findings(exc: PolicyError) -> list[Finding]:
@@ -210,7 +233,7 @@ def _compile_findings(exc: PolicyError) -> list[Finding]:
             _rule_id(p.where),
             p.field,
             p.message,
-            _COMPILE_HINTS.get(p.code, _COMPILE_HINTS["invalid-policy"]),
+            p.fix or _COMPILE_HINTS.get(p.code, _COMPILE_HINTS["invalid-policy"]),
         )
         for p in exc.problems
     ]
@@ -227,8 +250,20 @@ def _finding(
 ) -> Finding:
     line = rule.line_of(field) if rule is not None else None
     return Finding(
-        severity, check, policy.source, line, rule.id if rule else None, field, msg, hint
+        severity,
+        check,
+        rule.file if rule is not None and rule.file else _shared_file(policy),
+        line,
+        rule.id if rule else None,
+        field,
+        msg,
+        hint,
     )
+
+
+def _shared_file(policy: Policy) -> str:
+    """The file of the exchange, the issuers and the workloads (a directory's shared file)."""
+    return policy.files[0] if policy.files else policy.source
 
 
 # --- the checks ------------------------------------------------------------------------------
@@ -312,7 +347,7 @@ def max_ttl_implicit(policy: Policy, raw: Any) -> Iterator[Finding]:
         yield Finding(
             WARNING,
             "max-ttl-implicit",
-            policy.source,
+            _shared_file(policy),
             exchange.line if isinstance(exchange, yamlsrc.Located) else None,
             None,
             "exchange.maxTtl",
@@ -375,7 +410,8 @@ def _issuer_finding(
     hint: str,
 ) -> Finding:
     where = f"trustedIssuers ({issuer.id}).{field}"
-    return Finding(severity, check, policy.source, issuer.line_of(field), None, where, msg, hint)
+    line = issuer.line_of(field)
+    return Finding(severity, check, _shared_file(policy), line, None, where, msg, hint)
 
 
 def issuer_checks(policy: Policy, raw: Any) -> Iterator[Finding]:
@@ -521,7 +557,7 @@ def xfcc_hops(policy: Policy, raw: Any) -> Iterator[Finding]:
         yield Finding(
             INFO,
             "xfcc-trusted",
-            policy.source,
+            _shared_file(policy),
             _raw_line(raw, "workloads", "xfcc", "trustedHops"),
             None,
             "workloads.xfcc.trustedHops",
@@ -561,7 +597,7 @@ def shadow_mode(policy: Policy, raw: Any) -> Iterator[Finding]:
         yield Finding(
             WARNING,
             "shadow-mode",
-            policy.source,
+            _shared_file(policy),
             _raw_line(raw, "mode"),
             None,
             "mode",
@@ -603,7 +639,7 @@ def transaction_tokens(policy: Policy, raw: Any) -> Iterator[Finding]:
         yield Finding(
             INFO,
             "txn-trust-domain",
-            policy.source,
+            _shared_file(policy),
             _raw_line(raw, "exchange", "trustDomain"),
             None,
             "exchange.trustDomain",
@@ -666,7 +702,7 @@ def rules_empty(policy: Policy, raw: Any) -> Iterator[Finding]:
         yield Finding(
             WARNING,
             "rules-empty",
-            policy.source,
+            _shared_file(policy),
             _raw_line(raw, "rules"),
             None,
             "rules",

@@ -764,7 +764,7 @@ def render(tm: TrustMap, output: str = "md") -> str:
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Register ``paths`` under the ``policy`` subcommands (``policy_sub``)."""
     paths = sub.add_parser("paths", help="the trust paths as a document: md, json, dot or html")
-    paths.add_argument("policy", metavar="POLICY")
+    paths.add_argument("policy", metavar="POLICY", help="policy YAML file, or a directory of them")
     paths.add_argument("--format", choices=FORMATS, default="md")
     paths.add_argument("--out", metavar="FILE", help="write the document here (else stdout)")
     paths.set_defaults(func=run)
