@@ -33,10 +33,12 @@ from opskit import (
     write_policy,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from test_policy_dir import team_dir
 from test_workers import start_workers
 
 from extauthz.decision.jose import generate_signing_key, private_key_pem
-from extauthz.demo.stack import SidecarProcess, http_get
+from extauthz.demo.idp import Idp
+from extauthz.demo.stack import ISSUER, SidecarProcess, http_get
 from extauthz.serve.runtime import Runtime
 
 POLL = 0.5
@@ -308,3 +310,28 @@ def test_every_exported_metric_is_documented(tmp_path: Path, example_policy_text
         if family.name.startswith("extauthz_")
     }
     assert exported == documented
+
+
+def test_a_policy_directory_reloads_when_one_file_is_edited_in_place(tmp_path: Path) -> None:
+    """The policy input is every file of the directory: rewriting one team's file (same
+    inode, so the directory itself does not change) is a reload."""
+    policy = team_dir(tmp_path / "policy")
+    idp = Idp(ISSUER)
+    idp.write_jwks(policy / "issuers" / "corp-idp.json")
+    key = write_key(generate_signing_key(), tmp_path / "key.pem")
+    with SidecarProcess(policy, [key], tmp_path / "s", extra_args=FAST) as sidecar:
+        checker = Checker(sidecar.grpc_port)
+        try:
+            assert http_status(checker.check(idp.token(now=time.time()))) == 200
+            rules = statusz(sidecar.admin_port)["policy"]["rules"]
+            with (policy / "orders.yaml").open("r+") as team_file:  # in place
+                team_file.truncate(0)
+                team_file.write("rules: []\n")
+            wait_for(
+                lambda: statusz(sidecar.admin_port)["policy"]["rules"] < rules,
+                10,
+                what="the edited file to reload",
+            )
+            assert http_status(checker.check(idp.token(now=time.time()))) == 403
+        finally:
+            checker.close()

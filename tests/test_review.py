@@ -798,3 +798,19 @@ def test_parse_since(text: str, expected: str) -> None:
 def test_parse_since_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         review.parse_since(text, 1_796_169_600.0)
+
+
+def test_review_reads_a_policy_directory_against_its_revision(tmp_path: Path) -> None:
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    shared, _, rules = SIMPLE.partition("rules:\n")
+    (policy / "00-shared.yaml").write_text(shared)
+    (policy / "team.yaml").write_text("rules:\n" + rules)
+    Idp(k.IDP_ISS).write_jwks(policy / k.JWKS_FILE)
+    rev = revision(policy)
+    log = write(tmp_path / "a.log", [line(rev), line(rev), line("0123456789abcdef")])
+    doc = run("--policy", policy, log, "--format", "json").json()
+    assert doc["rules"][0]["id"] == "read" and doc["rules"][0]["allowed"] == 2
+    suggested = run("--policy", policy, log, "--suggest", tmp_path / "out.yaml")
+    one_line_exit_2(suggested, "--suggest", "directory")
+    assert not (tmp_path / "out.yaml").exists()

@@ -94,6 +94,7 @@ from extauthz.errors import ExtauthzError, KeyLoadError, PolicyError
 from extauthz.policy.compiler import (
     canonical_spiffe,
     compile_policy,
+    load_policy,
     parse_instant,
     read_policy_text,
 )
@@ -889,14 +890,22 @@ def run(args: argparse.Namespace) -> int:
         since = parse_since(args.since, now) if args.since else None
     except ValueError as exc:
         return _fail(f"--since: {exc}")
+    out = Path(args.suggest) if getattr(args, "suggest", None) else None
+    if out is not None and path.is_dir():
+        return _fail(
+            "--suggest: needs a policy file, not a directory (review the directory without "
+            "--suggest, or each team's policy as one file)"
+        )
     try:
-        text = read_policy_text(path)  # read once: the digest and the suggestion are of it
-        policy = compile_policy(text, source=str(path), base_dir=path.parent)
+        if path.is_dir():
+            text, policy = "", load_policy(path)  # its revision is of every file in it
+        else:
+            text = read_policy_text(path)  # read once: the digest and the suggestion are of it
+            policy = compile_policy(text, source=str(path), base_dir=path.parent)
     except PolicyError as exc:
         more = len(exc.problems) - 1
         extra = f" (and {more} more problem(s))" if more > 0 else ""
         return _fail(f"cannot load the policy: {exc.problems[0]}{extra}")
-    out = Path(args.suggest) if getattr(args, "suggest", None) else None
     if out is not None:
         if out.resolve() == path.resolve():
             return _fail("--suggest: OUT must not be the policy itself")
