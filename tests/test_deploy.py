@@ -29,6 +29,7 @@ import yaml
 from opskit import free_port_pair
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from test_supply_chain import install_lock
 
 from extauthz.cli import main as cli_main
 from extauthz.decision.jose import generate_signing_key
@@ -938,21 +939,7 @@ def test_image_build_steps(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv))
     python = venv / "bin" / "python"
-    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q"]
-    result = subprocess.run(
-        [*pip, "--disable-pip-version-check", "--require-hashes", "--no-deps", "-r", str(LOCK)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    if result.returncode != 0 and re.search(
-        r"NewConnectionError|Temporary failure in name resolution|Could not fetch URL|"
-        r"No matching distribution found",
-        result.stderr,
-    ):
-        pytest.skip(f"PyPI is not reachable from here:\n{result.stderr[-500:]}")
-    assert result.returncode == 0, result.stderr
+    pip = [*install_lock(python), "install", "-q"]
     run(*pip, "--no-index", str(wheel))  # its requirements are all there already
     # As in the image: no Envoy binary and no pip, yet the ext_authz modules import.
     assert not (venv / "bin" / "envoy").exists()

@@ -259,21 +259,7 @@ def test_sbom_of_the_locked_venv_lists_exactly_the_lock(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv))
     python = venv / "bin" / "python"
-    pip = [sys.executable, "-m", "pip", "--python", str(python)]
-    result = subprocess.run(
-        [*pip, "install", "-q", "--require-hashes", "--no-deps", "-r", str(LOCK)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    if result.returncode != 0 and re.search(
-        r"NewConnectionError|Temporary failure in name resolution|Could not fetch URL|"
-        r"No matching distribution found",
-        result.stderr,
-    ):
-        pytest.skip(f"PyPI is not reachable from here:\n{result.stderr[-500:]}")
-    assert result.returncode == 0, result.stderr
+    pip = install_lock(python)
     run(*pip, "install", "-q", "--no-index", "--no-deps", str(wheel))
     # The lock is closed: every requirement of every installed distribution is there.
     run(*pip, "check")
@@ -296,3 +282,25 @@ def test_sbom_of_the_locked_venv_lists_exactly_the_lock(tmp_path: Path) -> None:
     assert listed - {("extauthz", main["version"])} == locked
     purls = {c["purl"] for c in sbom["components"]}
     assert purls == {f"pkg:pypi/{name}@{version}" for name, version in locked}
+
+
+def install_lock(python: Path) -> list[str]:
+    """Install the lock, with its hashes and nothing else, into the venv of ``python``, as the
+    image's build does; the pip command line for that venv."""
+    pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    result = subprocess.run(
+        [*pip, "install", "-q", "--disable-pip-version-check", "--require-hashes", "--no-deps"]
+        + ["-r", str(LOCK)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    if result.returncode != 0 and re.search(
+        r"NewConnectionError|Temporary failure in name resolution|Could not fetch URL|"
+        r"No matching distribution found",
+        result.stderr,
+    ):
+        pytest.skip(f"PyPI is not reachable from here:\n{result.stderr[-500:]}")
+    assert result.returncode == 0, result.stderr
+    return pip
